@@ -1,0 +1,187 @@
+//! The file source: an endpoints file of `ScoringEndpoint` documents, and the watcher that
+//! re-reads it (and the router config that names it) when either changes or on SIGHUP.
+//!
+//! Only a whole valid file is ever applied; an invalid one is logged with every error and
+//! the last good table stays in force.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use serde::Deserialize;
+use tokio::sync::{mpsc, watch};
+
+use super::index::Event;
+use crate::{config::RouterConfig, proxy::Proxy, spec};
+
+/// Reads and validates an endpoints file. Errors name the file, the document (1-based, and
+/// its name when it has one) and the field.
+pub fn load_endpoints(path: &Path) -> Result<Vec<spec::Endpoint>, Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| vec![format!("{}: cannot read: {e}", path.display())])?;
+    parse_endpoints(&text, path)
+}
+
+pub fn parse_endpoints(text: &str, path: &Path) -> Result<Vec<spec::Endpoint>, Vec<String>> {
+    let file = path.display();
+    let mut endpoints: Vec<spec::Endpoint> = Vec::new();
+    let mut errors = Vec::new();
+    for (i, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let n = i + 1;
+        match Option::<spec::EndpointDocument>::deserialize(de) {
+            Ok(None) => {}
+            Ok(Some(doc)) => match spec::validate(&doc) {
+                Ok(ep) if endpoints.iter().any(|e| e.name == ep.name) => errors.push(format!(
+                    "{file}: document {n} ({}): metadata.name: another document already defines this endpoint",
+                    ep.name
+                )),
+                Ok(ep) => endpoints.push(ep),
+                Err(errs) => errors.extend(errs.into_iter().map(|e| {
+                    format!("{file}: document {n} ({}): {e}", doc.metadata.name)
+                })),
+            },
+            Err(e) => errors.push(format!("{file}: document {n}: {e}")),
+        }
+    }
+    if errors.is_empty() {
+        Ok(endpoints)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Loads both files as `serve` and `check-config` do.
+pub fn load_all(config: &Path) -> Result<(RouterConfig, Vec<spec::Endpoint>), Vec<String>> {
+    let cfg = RouterConfig::load(config).map_err(|e| vec![format!("{e:#}")])?;
+    let endpoints = load_endpoints(&cfg.endpoints.file)?;
+    Ok((cfg, endpoints))
+}
+
+/// Watches the router config and the endpoints file until `stop` turns true.
+///
+/// Polls both files every `reloadIntervalMs` (comparing contents, so a Kubernetes-style
+/// symlink swap is seen too) and re-reads them on SIGHUP. A valid endpoints change goes
+/// to the index; the body limit applies at once; listener changes need a restart.
+pub struct Watcher {
+    pub config_path: PathBuf,
+    pub config: RouterConfig,
+    pub proxy: Arc<Proxy>,
+    pub events: mpsc::UnboundedSender<Event>,
+}
+
+impl Watcher {
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let mut hangup =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let mut seen = (read(&self.config_path), read(&self.config.endpoints.file));
+        let mut tick = tokio::time::interval(self.config.reload_interval());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let forced = tokio::select! {
+                _ = tick.tick() => false,
+                Some(()) = async { hangup.as_mut()?.recv().await } => true,
+                () = crate::until_true(&mut stop) => return,
+            };
+            let now = (read(&self.config_path), read(&self.config.endpoints.file));
+            if !forced && now == seen {
+                continue;
+            }
+            seen = now;
+            self.reload(forced);
+            // The config may name another endpoints file now: compare against it.
+            seen.1 = read(&self.config.endpoints.file);
+        }
+    }
+
+    fn reload(&mut self, forced: bool) {
+        tracing::info!(forced, "reloading configuration");
+        match RouterConfig::load(&self.config_path) {
+            Ok(cfg) => {
+                if cfg.listen != self.config.listen {
+                    tracing::warn!("listen addresses changed; they take effect after a restart");
+                }
+                if cfg.max_request_body_bytes != self.config.max_request_body_bytes {
+                    self.proxy.set_max_body(cfg.max_request_body_bytes);
+                }
+                if cfg.reload_interval_ms != self.config.reload_interval_ms
+                    || cfg.shutdown_grace_period_seconds
+                        != self.config.shutdown_grace_period_seconds
+                {
+                    tracing::warn!(
+                        "reloadIntervalMs and shutdownGracePeriodSeconds take effect after a restart"
+                    );
+                }
+                self.config = RouterConfig {
+                    listen: self.config.listen.clone(),
+                    reload_interval_ms: self.config.reload_interval_ms,
+                    shutdown_grace_period_seconds: self.config.shutdown_grace_period_seconds,
+                    ..cfg
+                };
+            }
+            Err(e) => {
+                tracing::error!("router config not reloaded, keeping the last good one: {e:#}");
+            }
+        }
+        match load_endpoints(&self.config.endpoints.file) {
+            Ok(endpoints) => {
+                let _ = self.events.send(Event::Endpoints(endpoints));
+            }
+            Err(errors) => {
+                for e in &errors {
+                    tracing::error!("{e}");
+                }
+                tracing::error!(
+                    errors = errors.len(),
+                    "endpoints file not applied; the last good routing table stays in force"
+                );
+            }
+        }
+    }
+}
+
+fn read(path: &Path) -> Option<Vec<u8>> {
+    std::fs::read(path).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_file_document_and_field() {
+        let text = "
+apiVersion: scorefront.io/v1
+kind: ScoringEndpoint
+metadata: {name: good}
+spec: {authMode: none, versions: [{name: a, replicas: ['127.0.0.1:1']}]}
+---
+apiVersion: scorefront.io/v1
+kind: ScoringEndpoint
+metadata: {name: bad}
+spec: {authMode: none, versions: [{name: a, trafficPercentile: 101, replicas: ['127.0.0.1:1']}]}
+---
+apiVersion: scorefront.io/v1
+kind: ScoringEndpoint
+metadata: {name: good}
+spec: {authMode: none, versions: [{name: a, replicas: ['127.0.0.1:1']}], extra: 1}
+---
+";
+        let errs = parse_endpoints(text, Path::new("eps.yaml")).unwrap_err();
+        assert_eq!(errs.len(), 2, "{errs:#?}");
+        assert!(
+            errs[0].starts_with("eps.yaml: document 2 (bad): spec.versions[0].trafficPercentile"),
+            "{}",
+            errs[0]
+        );
+        assert!(errs[1].starts_with("eps.yaml: document 3: spec: unknown field `extra`"), "{}", errs[1]);
+    }
+
+    #[test]
+    fn duplicate_endpoint_names_are_refused() {
+        let one = "apiVersion: scorefront.io/v1\nkind: ScoringEndpoint\nmetadata: {name: x}\n\
+                   spec: {authMode: none}\n";
+        let errs = parse_endpoints(&format!("{one}---\n{one}"), Path::new("f")).unwrap_err();
+        assert!(errs[0].contains("document 2 (x): metadata.name"), "{errs:?}");
+    }
+}

@@ -1,0 +1,142 @@
+//! Every status the router itself generates, grouped by who is at fault.
+//!
+//! A request that fails inside scorefront ends as exactly one [`ProxyError`]; the handler
+//! turns it into the JSON body `{"error":{"code","message"}}` with the status, code and
+//! headers listed in DESIGN.md 1.3. Model responses never pass through here: 4xx and 5xx
+//! from a replica are forwarded unchanged.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode, header};
+
+/// Why the router answered instead of a model.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyError {
+    /// The client asked for something that does not exist or sent something unacceptable.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The version has no room for this request right now; retrying later may work.
+    #[error(transparent)]
+    Capacity(#[from] CapacityError),
+    /// A replica could not be reached or did not answer in time.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// A bug in scorefront.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    #[error("no scoring endpoint is named '{0}'")]
+    EndpointNotFound(String),
+    #[error("endpoint '{endpoint}' has no version named '{version}'")]
+    VersionNotFound { endpoint: String, version: String },
+    #[error("endpoint '{0}' has no version that takes traffic and no default version")]
+    NoRoute(String),
+    #[error("missing or invalid credential; send 'Authorization: Bearer <key>'")]
+    Unauthorized,
+    #[error("request body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge { limit: u64 },
+    #[error("header '{0}' is longer than 100 characters")]
+    HeaderTooLarge(&'static str),
+    #[error("request path is not /api/v1/service/{{name}}/... or /api/v1/endpoint/{{name}}/...")]
+    BadPath,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CapacityError {
+    #[error("version '{version}' already has {limit} requests waiting for a replica")]
+    TooManyPending { version: String, limit: usize },
+    #[error("no replica of version '{version}' had a free slot within {waited_ms} ms")]
+    QueueTimeout { version: String, waited_ms: u64 },
+    #[error("version '{version}' has no ready replica")]
+    NoReadyReplicas { version: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("no replica of version '{version}' could be reached: {reason}")]
+    Unavailable { version: String, reason: String },
+    #[error("version '{version}' did not answer within {timeout_ms} ms")]
+    Timeout { version: String, timeout_ms: u64 },
+}
+
+/// Seconds a client is told to wait after a capacity error.
+const RETRY_AFTER: HeaderValue = HeaderValue::from_static("1");
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::Client(e) => match e {
+                ClientError::EndpointNotFound(_)
+                | ClientError::VersionNotFound { .. }
+                | ClientError::NoRoute(_)
+                | ClientError::BadPath => StatusCode::NOT_FOUND,
+                ClientError::Unauthorized => StatusCode::UNAUTHORIZED,
+                ClientError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                ClientError::HeaderTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            },
+            ProxyError::Capacity(CapacityError::TooManyPending { .. }) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            ProxyError::Capacity(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Upstream(UpstreamError::Unavailable { .. }) => StatusCode::BAD_GATEWAY,
+            ProxyError::Upstream(UpstreamError::Timeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The stable machine-readable code of the JSON body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::Client(e) => match e {
+                ClientError::EndpointNotFound(_) | ClientError::BadPath => "EndpointNotFound",
+                ClientError::VersionNotFound { .. } => "VersionNotFound",
+                ClientError::NoRoute(_) => "NoRoute",
+                ClientError::Unauthorized => "Unauthorized",
+                ClientError::PayloadTooLarge { .. } => "PayloadTooLarge",
+                ClientError::HeaderTooLarge(_) => "HeaderTooLarge",
+            },
+            ProxyError::Capacity(e) => match e {
+                CapacityError::TooManyPending { .. } => "TooManyPendingRequests",
+                CapacityError::QueueTimeout { .. } => "QueueTimeout",
+                CapacityError::NoReadyReplicas { .. } => "NoReadyReplicas",
+            },
+            ProxyError::Upstream(e) => match e {
+                UpstreamError::Unavailable { .. } => "ReplicaUnavailable",
+                UpstreamError::Timeout { .. } => "ScoringTimeout",
+            },
+            ProxyError::Internal(_) => "Internal",
+        }
+    }
+
+    /// Headers the error adds to the response besides `content-type`.
+    pub fn extra_header(&self) -> Option<(header::HeaderName, HeaderValue)> {
+        match self {
+            ProxyError::Client(ClientError::Unauthorized) => Some((
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer"),
+            )),
+            ProxyError::Capacity(_) => Some((header::RETRY_AFTER, RETRY_AFTER)),
+            _ => None,
+        }
+    }
+
+    /// The JSON body: `{"error":{"code":"...","message":"..."}}`.
+    pub fn body(&self) -> Bytes {
+        let body = serde_json::json!({
+            "error": { "code": self.code(), "message": self.to_string() }
+        });
+        Bytes::from(body.to_string())
+    }
+
+    pub fn queue_timeout(version: &str, waited: Duration) -> Self {
+        CapacityError::QueueTimeout {
+            version: version.to_owned(),
+            waited_ms: waited.as_millis() as u64,
+        }
+        .into()
+    }
+}

@@ -1,0 +1,174 @@
+//! The Prometheus registry and every metric scorefront exports, in one place.
+//!
+//! Label values come only from configured endpoint and version names (or the empty string
+//! for a request that matched no endpoint), so cardinality is bounded by the config.
+//! Counters and histograms are recorded when a request ends; the gauges (in flight,
+//! queued, replicas) are read from the live slot accounting at scrape time, so the request
+//! path never updates them.
+
+use std::sync::Mutex;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::proxy::table::RoutingTable;
+
+/// Latency buckets in seconds: fine below a millisecond, up to the 300 s timeout ceiling.
+const BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    request_duration: HistogramVec,
+    queue_wait: HistogramVec,
+    upstream_duration: HistogramVec,
+    auth_failures: IntCounterVec,
+    in_flight: IntGaugeVec,
+    queued: IntGaugeVec,
+    replicas: IntGaugeVec,
+    /// Serializes scrapes: each one resets and refills the gauges.
+    scrape: Mutex<()>,
+}
+
+/// Histogram handles of one version, resolved once when the routing table is built.
+#[derive(Clone)]
+pub struct VersionMetrics {
+    pub request_duration: Histogram,
+    pub queue_wait: Histogram,
+    pub upstream_duration: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let ev = &["endpoint", "version"];
+        let histogram = |name: &str, help: &str| {
+            HistogramVec::new(HistogramOpts::new(name, help).buckets(BUCKETS.to_vec()), ev)
+                .expect("valid histogram")
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            IntGaugeVec::new(Opts::new(name, help), labels).expect("valid gauge")
+        };
+        let m = Metrics {
+            registry: Registry::new(),
+            requests: IntCounterVec::new(
+                Opts::new(
+                    "scorefront_requests_total",
+                    "Scoring requests by endpoint, version and HTTP status sent to the client.",
+                ),
+                &["endpoint", "version", "code"],
+            )
+            .expect("valid counter"),
+            request_duration: histogram(
+                "scorefront_request_duration_seconds",
+                "Time from request arrival to the end of the response body.",
+            ),
+            queue_wait: histogram(
+                "scorefront_queue_wait_seconds",
+                "Time a request waited for a free replica slot.",
+            ),
+            upstream_duration: histogram(
+                "scorefront_upstream_duration_seconds",
+                "Time from sending a request to a replica to the end of its response body.",
+            ),
+            auth_failures: IntCounterVec::new(
+                Opts::new(
+                    "scorefront_auth_failures_total",
+                    "Requests refused with 401 by endpoint.",
+                ),
+                &["endpoint"],
+            )
+            .expect("valid counter"),
+            in_flight: gauge(
+                "scorefront_in_flight_requests",
+                "Requests at a replica now.",
+                ev,
+            ),
+            queued: gauge(
+                "scorefront_queued_requests",
+                "Requests waiting for a replica slot now.",
+                ev,
+            ),
+            replicas: gauge(
+                "scorefront_replicas",
+                "Replicas by state: ready (routable) and busy (ready with a request in flight).",
+                &["endpoint", "version", "state"],
+            ),
+            scrape: Mutex::new(()),
+        };
+        for c in [
+            Box::new(m.requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.request_duration.clone()),
+            Box::new(m.queue_wait.clone()),
+            Box::new(m.upstream_duration.clone()),
+            Box::new(m.auth_failures.clone()),
+            Box::new(m.in_flight.clone()),
+            Box::new(m.queued.clone()),
+            Box::new(m.replicas.clone()),
+        ] {
+            m.registry.register(c).expect("metric names are unique");
+        }
+        m
+    }
+
+    pub fn version(&self, endpoint: &str, version: &str) -> VersionMetrics {
+        let l = &[endpoint, version];
+        VersionMetrics {
+            request_duration: self.request_duration.with_label_values(l),
+            queue_wait: self.queue_wait.with_label_values(l),
+            upstream_duration: self.upstream_duration.with_label_values(l),
+        }
+    }
+
+    pub fn auth_failures(&self, endpoint: &str) -> IntCounter {
+        self.auth_failures.with_label_values(&[endpoint])
+    }
+
+    pub fn count_request(&self, endpoint: &str, version: &str, code: &str) {
+        self.requests
+            .with_label_values(&[endpoint, version, code])
+            .inc();
+    }
+
+    /// Renders every metric in the Prometheus text format, with gauges read from `table`.
+    pub fn render(&self, table: &RoutingTable) -> String {
+        let _one_at_a_time = self.scrape.lock().expect("scrape lock poisoned");
+        self.in_flight.reset();
+        self.queued.reset();
+        self.replicas.reset();
+        for ep in table.endpoints() {
+            for v in ep.versions() {
+                let l = &[ep.name.as_str(), v.name()];
+                let slots = &v.slots;
+                self.in_flight
+                    .with_label_values(l)
+                    .set(slots.in_flight() as i64);
+                self.queued.with_label_values(l).set(slots.queued() as i64);
+                let replicas = slots.replicas();
+                let busy = replicas.iter().filter(|r| r.in_flight() > 0).count();
+                let state = |s| [ep.name.as_str(), v.name(), s];
+                self.replicas
+                    .with_label_values(&state("ready"))
+                    .set(replicas.len() as i64);
+                self.replicas
+                    .with_label_values(&state("busy"))
+                    .set(busy as i64);
+            }
+        }
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding to a Vec cannot fail");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}

@@ -1,0 +1,103 @@
+//! Upstream HTTP/1.1 connections to replicas: a lock-free idle pool per replica, and one
+//! send that says whether the request left scorefront or not.
+//!
+//! A request that was never written (connect failed, or a pooled connection turned out
+//! closed before hyper dispatched it) comes back whole as [`SendError::NotSent`], body
+//! untouched, so the caller may retry it; anything else is [`SendError::Failed`] and is not
+//! retried. Connections go back to the pool only after their response body has ended (see
+//! [`super::body`]) and only when the replica did not ask to close them.
+
+use std::{io, net::SocketAddr};
+
+use crossbeam_queue::SegQueue;
+use http::{Request, Response};
+use hyper::{body::Incoming, client::conn::http1};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+/// Request body sent upstream: the client's body under the size limit.
+pub type RequestBody = http_body_util::Limited<Incoming>;
+/// One HTTP/1.1 connection to a replica, ready for (at most) one request at a time.
+pub type Conn = http1::SendRequest<RequestBody>;
+
+/// Idle connections of one replica. Its size is bounded by the replica's peak concurrency,
+/// since a connection only returns here after carrying a request.
+#[derive(Debug, Default)]
+pub struct ConnPool {
+    idle: SegQueue<Conn>,
+}
+
+impl ConnPool {
+    fn take(&self) -> Option<Conn> {
+        while let Some(conn) = self.idle.pop() {
+            if !conn.is_closed() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    pub(crate) fn put(&self, conn: Conn) {
+        if !conn.is_closed() {
+            self.idle.push(conn);
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn idle(&self) -> usize {
+        self.idle.len()
+    }
+}
+
+#[derive(Debug)]
+pub enum SendError {
+    /// Nothing was written; the request is handed back for a retry.
+    NotSent(Box<Request<RequestBody>>, String),
+    /// The exchange started and failed; the request is gone.
+    Failed(hyper::Error),
+}
+
+async fn connect(addr: SocketAddr) -> io::Result<Conn> {
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (conn, driver) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(io::Error::other)?;
+    tokio::spawn(async move {
+        // The driver ends when the connection closes; its error, if any, has already
+        // reached the request that was on it.
+        let _ = driver.await;
+    });
+    Ok(conn)
+}
+
+/// Sends `req` to `addr`, reusing an idle connection from `pool` when there is one.
+/// On success also returns the connection, for the body to put back when it ends.
+pub async fn send(
+    pool: &ConnPool,
+    addr: SocketAddr,
+    mut req: Request<RequestBody>,
+) -> Result<(Response<Incoming>, Conn), SendError> {
+    while let Some(mut conn) = pool.take() {
+        match conn.try_send_request(req).await {
+            Ok(resp) => return Ok((resp, conn)),
+            // The replica closed an idle connection under us: try the next one.
+            Err(mut e) => match e.take_message() {
+                Some(back) => req = back,
+                None => return Err(SendError::Failed(e.into_error())),
+            },
+        }
+    }
+    let mut conn = match connect(addr).await {
+        Ok(conn) => conn,
+        Err(e) => return Err(SendError::NotSent(Box::new(req), format!("connect {addr}: {e}"))),
+    };
+    match conn.try_send_request(req).await {
+        Ok(resp) => Ok((resp, conn)),
+        Err(mut e) => match e.take_message() {
+            Some(back) => Err(SendError::NotSent(Box::new(back), e.error().to_string())),
+            None => Err(SendError::Failed(e.into_error())),
+        },
+    }
+}

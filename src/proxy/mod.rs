@@ -1,0 +1,324 @@
+//! The data plane: one request, top to bottom.
+//!
+//! [`Proxy::handle`] runs the phases of DESIGN.md 2 in order (ids, endpoint, auth, version,
+//! slot, forward); each phase either moves on or ends the request with one
+//! [`ProxyError`]. The routing table is read lock-free from an [`ArcSwap`] that the index
+//! replaces whole.
+
+pub mod auth;
+pub mod body;
+pub mod forward;
+pub mod headers;
+pub mod slots;
+pub mod table;
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, Uri, header::CONTENT_TYPE, uri::PathAndQuery};
+use http_body_util::{LengthLimitError, Limited};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use self::{
+    body::{ProxyBody, Record, Upstream},
+    forward::{RequestBody, SendError},
+    headers::RequestIds,
+    slots::Slot,
+    table::{RoutingTable, VersionRoute},
+};
+use crate::{
+    error::{ClientError, ProxyError, UpstreamError},
+    metrics::Metrics,
+};
+
+/// Default request body limit: 100 MiB.
+pub const DEFAULT_MAX_BODY: u64 = 100 * 1024 * 1024;
+
+/// Shared state of the data plane. Owned by the app; the index publishes tables into it.
+pub struct Proxy {
+    table: ArcSwap<RoutingTable>,
+    metrics: Arc<Metrics>,
+    max_body: AtomicU64,
+}
+
+/// Who is on the other end of a client connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientInfo {
+    pub addr: SocketAddr,
+    /// `http` or `https`, for `x-forwarded-proto`.
+    pub scheme: &'static str,
+}
+
+impl Proxy {
+    pub fn new(metrics: Arc<Metrics>, max_body: u64) -> Self {
+        Proxy {
+            table: ArcSwap::from_pointee(RoutingTable::default()),
+            metrics,
+            max_body: AtomicU64::new(max_body),
+        }
+    }
+
+    /// Makes `table` the one new requests route by. Requests already past the lookup keep
+    /// the endpoint they found.
+    pub fn publish(&self, table: RoutingTable) {
+        self.table.store(Arc::new(table));
+    }
+
+    pub fn table(&self) -> arc_swap::Guard<Arc<RoutingTable>> {
+        self.table.load()
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn set_max_body(&self, bytes: u64) {
+        self.max_body.store(bytes, Relaxed);
+    }
+
+    pub async fn handle(&self, req: Request<Incoming>, client: ClientInfo) -> Response<ProxyBody> {
+        let mut record = Record {
+            metrics: self.metrics.clone(),
+            start: Instant::now(),
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            ids: None,
+            endpoint: None,
+            version: None,
+            status: StatusCode::OK,
+            code: None,
+            queue_wait: None,
+            upstream: None,
+            outcome: "",
+        };
+        match self.process(req, client, &mut record).await {
+            Ok((resp, upstream)) => {
+                let (mut parts, body) = resp.into_parts();
+                headers::strip_hop_by_hop(&mut parts.headers);
+                finish_headers(&mut parts.headers, &record);
+                record.status = parts.status;
+                Response::from_parts(parts, ProxyBody::upstream(body, upstream, record))
+            }
+            Err(err) => error_response(err, record),
+        }
+    }
+
+    async fn process(
+        &self,
+        req: Request<Incoming>,
+        client: ClientInfo,
+        record: &mut Record,
+    ) -> Result<(Response<Incoming>, Upstream), ProxyError> {
+        let ids = RequestIds::read(req.headers())?;
+        let ids = record.ids.insert(ids);
+        let (name, rest) = split_path(req.uri())?;
+        let endpoint = self
+            .table
+            .load()
+            .endpoint(name)
+            .cloned()
+            .ok_or_else(|| ClientError::EndpointNotFound(name.to_owned()))?;
+        record.endpoint = Some(endpoint.clone());
+        if let Err(e) = auth::verify(&endpoint.auth, req.headers()) {
+            endpoint.auth_failures.inc();
+            return Err(e.into());
+        }
+        let pin = req.headers().get(&headers::MODEL_DEPLOYMENT).map(|v| v.as_bytes());
+        let version = endpoint.pick(pin, rand::random_range(0..100))?.clone();
+        record.version = Some(version.clone());
+        let limit = self.max_body.load(Relaxed);
+        if content_length(&req).is_some_and(|n| n > limit) {
+            return Err(ClientError::PayloadTooLarge { limit }.into());
+        }
+
+        let slot = version.slots.acquire(version.spec.max_wait).await?;
+        record.queue_wait = Some(record.start.elapsed());
+
+        let (mut parts, body) = req.into_parts();
+        headers::for_replica(
+            &mut parts.headers,
+            parts.uri.authority(),
+            client.addr,
+            client.scheme,
+            ids,
+        );
+        parts.uri = rest;
+        parts.version = http::Version::HTTP_11;
+        let upstream_req = Request::from_parts(parts, Limited::new(body, limit as usize));
+        forward(&version, slot, upstream_req, limit).await
+    }
+}
+
+/// Sends the request within the version's scoring timeout, retrying once on another
+/// replica if it was never written.
+async fn forward(
+    version: &VersionRoute,
+    mut slot: Slot,
+    req: Request<RequestBody>,
+    limit: u64,
+) -> Result<(Response<Incoming>, Upstream), ProxyError> {
+    let timeout = version.spec.scoring_timeout;
+    let mut deadline = Box::pin(tokio::time::sleep(timeout));
+    let sent_at = Instant::now();
+    let timed_out = || UpstreamError::Timeout {
+        version: version.spec.name.clone(),
+        timeout_ms: timeout.as_millis() as u64,
+    };
+    let unavailable = |reason: String| UpstreamError::Unavailable {
+        version: version.spec.name.clone(),
+        reason,
+    };
+    let mut req = req;
+    let mut retried = false;
+    loop {
+        let replica = slot.replica().clone();
+        let sent = tokio::select! {
+            sent = forward::send(&replica.conns, replica.addr, req) => sent,
+            () = &mut deadline => return Err(timed_out().into()),
+        };
+        match sent {
+            Ok((resp, conn)) => {
+                let reusable = !headers::closes_connection(resp.headers());
+                let upstream = Upstream {
+                    slot,
+                    conn: reusable.then_some(conn),
+                    deadline,
+                    sent_at,
+                };
+                return Ok((resp, upstream));
+            }
+            Err(SendError::NotSent(back, reason)) if !retried => {
+                tracing::debug!(replica = %replica.addr, %reason, "request not sent; retrying once");
+                retried = true;
+                req = *back;
+                slot = match version.slots.try_acquire(Some(&replica)) {
+                    Some(other) => other,
+                    None => {
+                        drop(slot);
+                        let wait = version.slots.acquire(version.spec.max_wait);
+                        tokio::select! {
+                            got = wait => got?,
+                            () = &mut deadline => return Err(timed_out().into()),
+                        }
+                    }
+                };
+            }
+            Err(SendError::NotSent(_, reason)) => return Err(unavailable(reason).into()),
+            Err(SendError::Failed(e)) => {
+                if is_length_limit(&e) {
+                    return Err(ClientError::PayloadTooLarge { limit }.into());
+                }
+                return Err(unavailable(format!("{} at {}", e, replica.addr)).into());
+            }
+        }
+    }
+}
+
+fn is_length_limit(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.is::<LengthLimitError>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+fn content_length(req: &Request<Incoming>) -> Option<u64> {
+    req.headers()
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// Splits `/api/v1/{service|endpoint}/{name}/{rest}` into the name and the origin-form URI
+/// the replica gets (`/{rest}` with the original query).
+pub fn split_path(uri: &Uri) -> Result<(&str, Uri), ClientError> {
+    let path = uri.path();
+    let tail = path
+        .strip_prefix("/api/v1/service/")
+        .or_else(|| path.strip_prefix("/api/v1/endpoint/"))
+        .ok_or(ClientError::BadPath)?;
+    let (name, rest) = tail.split_once('/').unwrap_or((tail, ""));
+    if name.is_empty() {
+        return Err(ClientError::BadPath);
+    }
+    let mut target = String::with_capacity(rest.len() + 1 + uri.query().map_or(0, |q| q.len() + 1));
+    target.push('/');
+    target.push_str(rest);
+    if let Some(q) = uri.query() {
+        target.push('?');
+        target.push_str(q);
+    }
+    let pq = PathAndQuery::from_maybe_shared(Bytes::from(target)).map_err(|_| ClientError::BadPath)?;
+    Ok((name, Uri::from(pq)))
+}
+
+fn finish_headers(headers: &mut http::HeaderMap, record: &Record) {
+    let ids = record
+        .ids
+        .clone()
+        .unwrap_or_else(|| RequestIds {
+            request_id: headers::new_request_id(),
+            client_request_id: None,
+        });
+    headers::for_client(headers, &ids, record.version.as_ref().map(|v| &v.header));
+}
+
+fn error_response(err: ProxyError, mut record: Record) -> Response<ProxyBody> {
+    if let ProxyError::Upstream(_) | ProxyError::Internal(_) = &err {
+        tracing::warn!(
+            endpoint = record.endpoint.as_ref().map_or("", |e| e.name.as_str()),
+            version = record.version.as_ref().map_or("", |v| v.name()),
+            "{err}"
+        );
+    }
+    let mut resp = Response::new(ProxyBody::full(Bytes::new(), None));
+    *resp.status_mut() = err.status();
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Some((name, value)) = err.extra_header() {
+        h.insert(name, value);
+    }
+    finish_headers(h, &record);
+    record.status = err.status();
+    record.code = Some(err.code());
+    *resp.body_mut() = ProxyBody::full(err.body(), Some(record));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_split_into_name_and_forwarded_target() {
+        let cases = [
+            ("/api/v1/service/fraud/score", "fraud", "/score"),
+            ("/api/v1/endpoint/fraud/score?a=1&b=%20", "fraud", "/score?a=1&b=%20"),
+            ("/api/v1/service/fraud", "fraud", "/"),
+            ("/api/v1/service/fraud/", "fraud", "/"),
+            ("/api/v1/service/fraud/swagger.json", "fraud", "/swagger.json"),
+            ("/api/v1/service/fraud/a/b/c", "fraud", "/a/b/c"),
+        ];
+        for (input, name, target) in cases {
+            let uri: Uri = input.parse().unwrap();
+            let (n, t) = split_path(&uri).unwrap();
+            assert_eq!((n, t.to_string().as_str()), (name, target), "{input}");
+        }
+        for bad in ["/", "/api/v1/service/", "/api/v1/model/x/score", "/score"] {
+            assert!(split_path(&bad.parse().unwrap()).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! Listeners: the data plane (HTTP/1.1 and h2c on one port) and the admin port.
+//!
+//! The caller binds every listener (tests bind port 0). Each accepted connection is
+//! watched by a [`GracefulShutdown`], so shutdown stops accepting, lets in-flight requests
+//! finish, and closes idle keep-alive connections.
+
+pub mod admin;
+
+use std::{convert::Infallible, sync::Arc, time::Duration};
+
+use hyper::{Request, body::Incoming, service::service_fn};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::{conn::auto, graceful::GracefulShutdown},
+};
+use tokio::{net::TcpListener, sync::watch, task::JoinSet};
+
+use crate::proxy::{ClientInfo, Proxy};
+
+/// A client that sends no complete request head within this long is disconnected.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn builder() -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(64 * 1024);
+    b.http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30));
+    b
+}
+
+/// Accepts scoring connections until `stop` turns true, then drains: in-flight requests
+/// get up to `grace` to finish, after which the remaining connections are cut.
+pub async fn serve_data(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    mut stop: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let builder = builder();
+    let graceful = GracefulShutdown::new();
+    let mut connections = JoinSet::new();
+    loop {
+        while connections.try_join_next().is_some() {}
+        let (stream, addr) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = crate::until_true(&mut stop) => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let client = ClientInfo {
+            addr,
+            scheme: "http",
+        };
+        let proxy = proxy.clone();
+        let service = service_fn(move |req: Request<Incoming>| {
+            let proxy = proxy.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(req, client).await) }
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        connections.spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(client = %addr, "connection ended: {e}");
+            }
+        });
+    }
+    drop(listener);
+    let open = graceful.count();
+    tracing::info!(connections = open, "draining: no new connections; waiting for requests to finish");
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!("grace period of {grace:?} ended with requests still running; cutting them");
+        connections.shutdown().await;
+    }
+}
