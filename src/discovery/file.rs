@@ -168,13 +168,18 @@ spec: {authMode: none, versions: [{name: a, replicas: ['127.0.0.1:1']}], extra: 
 ---
 ";
         let errs = parse_endpoints(text, Path::new("eps.yaml")).unwrap_err();
-        assert_eq!(errs.len(), 2, "{errs:#?}");
+        assert_eq!(errs.len(), 3, "{errs:#?}");
         assert!(
             errs[0].starts_with("eps.yaml: document 2 (bad): spec.versions[0].trafficPercentile"),
             "{}",
             errs[0]
         );
-        assert!(errs[1].starts_with("eps.yaml: document 3: spec: unknown field `extra`"), "{}", errs[1]);
+        assert!(errs[1].contains("add up to 101"), "{}", errs[1]);
+        assert!(
+            errs[2].starts_with("eps.yaml: document 3: spec: unknown field `extra`"),
+            "{}",
+            errs[2]
+        );
     }
 
     #[test]

@@ -42,11 +42,6 @@ impl ConnPool {
             self.idle.push(conn);
         }
     }
-
-    #[cfg(test)]
-    pub(crate) fn idle(&self) -> usize {
-        self.idle.len()
-    }
 }
 
 #[derive(Debug)]
