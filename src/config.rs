@@ -118,14 +118,23 @@ mod tests {
 
     #[test]
     fn defaults_and_relative_paths() {
-        let cfg = RouterConfig::parse("endpoints: {file: eps.yaml}", Path::new("/etc/sf/router.yaml"))
-            .unwrap();
+        let cfg = RouterConfig::parse(
+            "endpoints: {file: eps.yaml}",
+            Path::new("/etc/sf/router.yaml"),
+        )
+        .unwrap();
         assert_eq!(cfg.endpoints.file, Path::new("/etc/sf/eps.yaml"));
         assert_eq!(cfg.max_request_body_bytes, 100 * 1024 * 1024);
         assert_eq!(cfg.grace_period(), Duration::from_secs(30));
         assert_eq!(cfg.listen.http.port(), 8080);
-        let err = RouterConfig::parse("endpoints: {file: x}\nlisten: {htp: 1}", Path::new("r.yaml"))
-            .unwrap_err();
-        assert!(format!("{err:#}").contains("unknown field `htp`"), "{err:#}");
+        let err = RouterConfig::parse(
+            "endpoints: {file: x}\nlisten: {htp: 1}",
+            Path::new("r.yaml"),
+        )
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("unknown field `htp`"),
+            "{err:#}"
+        );
     }
 }

@@ -115,10 +115,9 @@ impl ProxyError {
     /// Headers the error adds to the response besides `content-type`.
     pub fn extra_header(&self) -> Option<(header::HeaderName, HeaderValue)> {
         match self {
-            ProxyError::Client(ClientError::Unauthorized) => Some((
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer"),
-            )),
+            ProxyError::Client(ClientError::Unauthorized) => {
+                Some((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")))
+            }
             ProxyError::Capacity(_) => Some((header::RETRY_AFTER, RETRY_AFTER)),
             _ => None,
         }

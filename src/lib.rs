@@ -4,14 +4,14 @@
 //! endpoint sources into routing tables; [`server`] owns listeners and the admin port;
 //! [`app`] wires them together and runs the lifecycle.
 
+pub mod app;
+pub mod config;
+pub mod discovery;
 pub mod error;
 pub mod metrics;
 pub mod proxy;
-pub mod spec;
-pub mod config;
-pub mod discovery;
-pub mod app;
 pub mod server;
+pub mod spec;
 
 /// Resolves once `flag` is true (or its sender is gone). Shutdown signals are
 /// `watch<bool>` channels so that tests and the app drive them the same way.

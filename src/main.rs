@@ -13,7 +13,10 @@ use scorefront::{
 use tokio::{net::TcpListener, signal::unix::SignalKind};
 
 #[derive(Parser)]
-#[command(version, about = "Inference front-end router: weighted model versions, replica slots, key auth")]
+#[command(
+    version,
+    about = "Inference front-end router: weighted model versions, replica slots, key auth"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,

@@ -114,7 +114,11 @@ impl fmt::Debug for Auth {
             Auth::Key { secondary, .. } => write!(
                 f,
                 "Key {{ primary: <redacted>, secondary: {} }}",
-                if secondary.is_some() { "<redacted>" } else { "None" }
+                if secondary.is_some() {
+                    "<redacted>"
+                } else {
+                    "None"
+                }
             ),
         }
     }
@@ -162,11 +166,7 @@ pub fn valid_name(name: &str) -> bool {
     let b = name.as_bytes();
     let inner = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-';
     let edge = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
-    !b.is_empty()
-        && b.len() <= 63
-        && edge(&b[0])
-        && edge(&b[b.len() - 1])
-        && b.iter().all(inner)
+    !b.is_empty() && b.len() <= 63 && edge(&b[0]) && edge(&b[b.len() - 1]) && b.iter().all(inner)
 }
 
 const NAME_RULE: &str = "must be 1-63 characters of a-z, 0-9 and '-', starting and ending \
@@ -185,7 +185,10 @@ pub fn validate(doc: &EndpointDocument) -> Result<Endpoint, Vec<SpecError>> {
         errs.push("kind", format!("must be '{KIND}', not '{}'", doc.kind));
     }
     if !valid_name(&doc.metadata.name) {
-        errs.push("metadata.name", format!("'{}' {NAME_RULE}", doc.metadata.name));
+        errs.push(
+            "metadata.name",
+            format!("'{}' {NAME_RULE}", doc.metadata.name),
+        );
     }
     let auth = validate_auth(&doc.spec, &mut errs);
     let versions = validate_versions(&doc.spec.versions, &mut errs);
@@ -250,7 +253,10 @@ fn validate_versions(specs: &[VersionSpec], errs: &mut Errors) -> Vec<Version> {
     if specs.len() > MAX_VERSIONS {
         errs.push(
             "spec.versions",
-            format!("{} versions; at most {MAX_VERSIONS} are allowed", specs.len()),
+            format!(
+                "{} versions; at most {MAX_VERSIONS} are allowed",
+                specs.len()
+            ),
         );
     }
     let mut versions: Vec<Version> = specs
@@ -384,9 +390,10 @@ fn validate_replicas(path: &str, v: &VersionSpec, errs: &mut Errors) -> ReplicaS
             let mut addrs = Vec::with_capacity(list.len());
             for (i, a) in list.iter().enumerate() {
                 match a.parse::<SocketAddr>() {
-                    Ok(addr) if addrs.contains(&addr) => {
-                        errs.push(format!("{path}.replicas[{i}]"), format!("'{a}' is listed twice"))
-                    }
+                    Ok(addr) if addrs.contains(&addr) => errs.push(
+                        format!("{path}.replicas[{i}]"),
+                        format!("'{a}' is listed twice"),
+                    ),
                     Ok(addr) => addrs.push(addr),
                     Err(_) => errs.push(
                         format!("{path}.replicas[{i}]"),
@@ -473,7 +480,9 @@ spec:
 
     #[test]
     fn defaults_are_azureml_defaults() {
-        let d = doc(&format!("{BASE}  - {{name: blue, replicas: ['127.0.0.1:5001']}}\n"));
+        let d = doc(&format!(
+            "{BASE}  - {{name: blue, replicas: ['127.0.0.1:5001']}}\n"
+        ));
         let ep = validate(&d).unwrap();
         let v = &ep.versions[0];
         assert!(v.is_default, "the first version is the default");
@@ -502,7 +511,10 @@ spec:
             "spec.versions: 2 versions have role: control",
         ];
         for w in want {
-            assert!(errs.iter().any(|e| e.starts_with(w)), "missing {w:?} in {errs:#?}");
+            assert!(
+                errs.iter().any(|e| e.starts_with(w)),
+                "missing {w:?} in {errs:#?}"
+            );
         }
         assert_eq!(errs.len(), want.len(), "{errs:#?}");
     }
@@ -518,7 +530,11 @@ spec:
 ");
         let errs = validate(&d).unwrap_err();
         assert_eq!(errs[0].field, "spec.keys.primaryKey");
-        assert!(errs[0].message.contains("scorefront keys"), "{}", errs[0].message);
+        assert!(
+            errs[0].message.contains("scorefront keys"),
+            "{}",
+            errs[0].message
+        );
     }
 
     #[test]
@@ -540,6 +556,9 @@ spec:
         }
         assert!(errors(&v).iter().any(|e| e.contains("at most 6")));
         let errs = errors("  - {name: a, scoringTimeoutMs: 300001, replicas: ['127.0.0.1:1']}\n");
-        assert!(errs[0].starts_with("spec.versions[0].scoringTimeoutMs"), "{errs:?}");
+        assert!(
+            errs[0].starts_with("spec.versions[0].scoringTimeoutMs"),
+            "{errs:?}"
+        );
     }
 }

@@ -9,7 +9,12 @@ async fn routes_and_splits() {
         &format!("[{{name: blue, replicas: ['{}']}}]", blue.addr),
     ))
     .await;
-    let (parts, body) = send(scoring("POST", &router.url("/api/v1/service/fraud/score?x=1")).body(support::body("{}")).unwrap()).await;
+    let (parts, body) = send(
+        scoring("POST", &router.url("/api/v1/service/fraud/score?x=1"))
+            .body(support::body("{}"))
+            .unwrap(),
+    )
+    .await;
     assert_eq!(parts.status, 200, "{body:?}");
     assert_eq!(model_of(&body), "blue");
     assert_eq!(blue.last_target(), "/score?x=1");

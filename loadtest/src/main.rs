@@ -85,9 +85,14 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let workers: Vec<_> = (0..args.connections)
         .map(|_| {
-            let (uri, method, headers, body) =
-                (args.url.clone(), method.clone(), headers.clone(), body.clone());
-            let host = HeaderValue::from_str(authority.as_str()).expect("authority is a valid header");
+            let (uri, method, headers, body) = (
+                args.url.clone(),
+                method.clone(),
+                headers.clone(),
+                body.clone(),
+            );
+            let host =
+                HeaderValue::from_str(authority.as_str()).expect("authority is a valid header");
             tokio::spawn(async move {
                 let mut tally = Tally {
                     latency: Some(Histogram::new_with_bounds(1, 60_000_000, 3).unwrap()),
@@ -111,7 +116,12 @@ async fn main() -> anyhow::Result<()> {
                     let micros = t0.elapsed().as_micros() as u64;
                     match result {
                         Ok((status, version)) => {
-                            tally.latency.as_mut().unwrap().record(micros.max(1)).unwrap();
+                            tally
+                                .latency
+                                .as_mut()
+                                .unwrap()
+                                .record(micros.max(1))
+                                .unwrap();
                             *tally.statuses.entry(status).or_default() += 1;
                             *tally.versions.entry(version).or_default() += 1;
                         }
@@ -145,7 +155,12 @@ async fn main() -> anyhow::Result<()> {
     }
     let elapsed = started.elapsed().as_secs_f64();
     let h = total.latency.unwrap();
-    println!("requests: {} in {elapsed:.2} s = {:.0} req/s over {} connections", h.len(), h.len() as f64 / elapsed, args.connections);
+    println!(
+        "requests: {} in {elapsed:.2} s = {:.0} req/s over {} connections",
+        h.len(),
+        h.len() as f64 / elapsed,
+        args.connections
+    );
     for (label, q) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999)] {
         println!("{label:>6}: {:>9} us", h.value_at_quantile(q));
     }

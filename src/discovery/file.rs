@@ -187,6 +187,9 @@ spec: {authMode: none, versions: [{name: a, replicas: ['127.0.0.1:1']}], extra: 
         let one = "apiVersion: scorefront.io/v1\nkind: ScoringEndpoint\nmetadata: {name: x}\n\
                    spec: {authMode: none}\n";
         let errs = parse_endpoints(&format!("{one}---\n{one}"), Path::new("f")).unwrap_err();
-        assert!(errs[0].contains("document 2 (x): metadata.name"), "{errs:?}");
+        assert!(
+            errs[0].contains("document 2 (x): metadata.name"),
+            "{errs:?}"
+        );
     }
 }

@@ -6,11 +6,7 @@
 //! is published into each version's slots directly; a new table is built only when the
 //! endpoint definitions change.
 
-use std::{
-    collections::HashMap,
-    path::PathBuf,
-    sync::Arc,
-};
+use std::{collections::HashMap, path::PathBuf, sync::Arc};
 
 use tokio::sync::{mpsc, watch};
 

@@ -123,7 +123,11 @@ impl Supervisor {
             .cloned()
             .collect();
         for key in stale {
-            tracing::info!(endpoint = key.endpoint, version = key.version, "stopping replicas");
+            tracing::info!(
+                endpoint = key.endpoint,
+                version = key.version,
+                "stopping replicas"
+            );
             for task in self.sets.remove(&key).unwrap_or_default() {
                 self.retiring.push(task.retire());
             }
@@ -217,7 +221,10 @@ impl ReplicaRun {
         let port = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
             .local_addr()?
             .port();
-        let command = self.key.command.replace(PORT_PLACEHOLDER, &port.to_string());
+        let command = self
+            .key
+            .command
+            .replace(PORT_PLACEHOLDER, &port.to_string());
         let mut cmd = Command::new("sh");
         cmd.arg("-c")
             .arg(format!("exec {command}"))
@@ -243,8 +250,14 @@ impl ReplicaRun {
         let mut child = cmd.spawn()?;
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         for out in [
-            child.stdout.take().map(|o| Box::new(o) as Box<dyn AsyncRead + Send + Unpin>),
-            child.stderr.take().map(|e| Box::new(e) as Box<dyn AsyncRead + Send + Unpin>),
+            child
+                .stdout
+                .take()
+                .map(|o| Box::new(o) as Box<dyn AsyncRead + Send + Unpin>),
+            child
+                .stderr
+                .take()
+                .map(|e| Box::new(e) as Box<dyn AsyncRead + Send + Unpin>),
         ]
         .into_iter()
         .flatten()
@@ -270,7 +283,11 @@ impl ReplicaRun {
         let mut ready = false;
         let mut failures = 0;
         let ended = loop {
-            let every = if ready { PROBE_WHILE_READY } else { PROBE_WHILE_STARTING };
+            let every = if ready {
+                PROBE_WHILE_READY
+            } else {
+                PROBE_WHILE_STARTING
+            };
             tokio::select! {
                 status = child.wait() => break Ended::Exited(status),
                 () = crate::until_true(stop) => break Ended::Stopped,
@@ -328,7 +345,10 @@ async fn terminate(child: &mut Child) {
     let group = -(pid as i32);
     // SAFETY: kill(2) with a negative pid signals the group the child leads.
     unsafe { libc::kill(group, libc::SIGTERM) };
-    if tokio::time::timeout(TERM_GRACE, child.wait()).await.is_err() {
+    if tokio::time::timeout(TERM_GRACE, child.wait())
+        .await
+        .is_err()
+    {
         unsafe { libc::kill(group, libc::SIGKILL) };
         let _ = child.wait().await;
     }
@@ -349,7 +369,10 @@ pub async fn probe(addr: SocketAddr) -> bool {
         let resp = send.send_request(req).await.ok()?;
         Some(resp.status() == http::StatusCode::OK)
     };
-    matches!(tokio::time::timeout(PROBE_TIMEOUT, attempt).await, Ok(Some(true)))
+    matches!(
+        tokio::time::timeout(PROBE_TIMEOUT, attempt).await,
+        Ok(Some(true))
+    )
 }
 
 async fn forward_output(out: Box<dyn AsyncRead + Send + Unpin>, key: ProcessKey, port: u16) {

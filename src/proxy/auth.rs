@@ -60,9 +60,16 @@ mod tests {
             "Bearer ",
             "primary-key-0123456789",
         ] {
-            assert_eq!(verify(&auth, &headers(bad)), Err(ClientError::Unauthorized), "{bad}");
+            assert_eq!(
+                verify(&auth, &headers(bad)),
+                Err(ClientError::Unauthorized),
+                "{bad}"
+            );
         }
-        assert_eq!(verify(&auth, &HeaderMap::new()), Err(ClientError::Unauthorized));
+        assert_eq!(
+            verify(&auth, &HeaderMap::new()),
+            Err(ClientError::Unauthorized)
+        );
         assert!(verify(&Auth::None, &HeaderMap::new()).is_ok());
     }
 }

@@ -86,7 +86,12 @@ pub async fn send(
     }
     let mut conn = match connect(addr).await {
         Ok(conn) => conn,
-        Err(e) => return Err(SendError::NotSent(Box::new(req), format!("connect {addr}: {e}"))),
+        Err(e) => {
+            return Err(SendError::NotSent(
+                Box::new(req),
+                format!("connect {addr}: {e}"),
+            ));
+        }
     };
     match conn.try_send_request(req).await {
         Ok(resp) => Ok((resp, conn)),

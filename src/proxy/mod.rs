@@ -22,7 +22,9 @@ use std::{
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode, Uri, header::CONTENT_TYPE, uri::PathAndQuery};
+use http::{
+    HeaderValue, Request, Response, StatusCode, Uri, header::CONTENT_TYPE, uri::PathAndQuery,
+};
 use http_body_util::{LengthLimitError, Limited};
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -131,7 +133,10 @@ impl Proxy {
             endpoint.auth_failures.inc();
             return Err(e.into());
         }
-        let pin = req.headers().get(&headers::MODEL_DEPLOYMENT).map(|v| v.as_bytes());
+        let pin = req
+            .headers()
+            .get(&headers::MODEL_DEPLOYMENT)
+            .map(|v| v.as_bytes());
         let version = endpoint.pick(pin, rand::random_range(0..100))?.clone();
         record.version = Some(version.clone());
         let limit = self.max_body.load(Relaxed);
@@ -261,18 +266,16 @@ pub fn split_path(uri: &Uri) -> Result<(&str, Uri), ClientError> {
         target.push('?');
         target.push_str(q);
     }
-    let pq = PathAndQuery::from_maybe_shared(Bytes::from(target)).map_err(|_| ClientError::BadPath)?;
+    let pq =
+        PathAndQuery::from_maybe_shared(Bytes::from(target)).map_err(|_| ClientError::BadPath)?;
     Ok((name, Uri::from(pq)))
 }
 
 fn finish_headers(headers: &mut http::HeaderMap, record: &Record) {
-    let ids = record
-        .ids
-        .clone()
-        .unwrap_or_else(|| RequestIds {
-            request_id: headers::new_request_id(),
-            client_request_id: None,
-        });
+    let ids = record.ids.clone().unwrap_or_else(|| RequestIds {
+        request_id: headers::new_request_id(),
+        client_request_id: None,
+    });
     headers::for_client(headers, &ids, record.version.as_ref().map(|v| &v.header));
 }
 
@@ -306,10 +309,18 @@ mod tests {
     fn paths_split_into_name_and_forwarded_target() {
         let cases = [
             ("/api/v1/service/fraud/score", "fraud", "/score"),
-            ("/api/v1/endpoint/fraud/score?a=1&b=%20", "fraud", "/score?a=1&b=%20"),
+            (
+                "/api/v1/endpoint/fraud/score?a=1&b=%20",
+                "fraud",
+                "/score?a=1&b=%20",
+            ),
             ("/api/v1/service/fraud", "fraud", "/"),
             ("/api/v1/service/fraud/", "fraud", "/"),
-            ("/api/v1/service/fraud/swagger.json", "fraud", "/swagger.json"),
+            (
+                "/api/v1/service/fraud/swagger.json",
+                "fraud",
+                "/swagger.json",
+            ),
             ("/api/v1/service/fraud/a/b/c", "fraud", "/a/b/c"),
         ];
         for (input, name, target) in cases {

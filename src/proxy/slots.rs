@@ -214,7 +214,11 @@ impl VersionSlots {
             let i = rand::random_range(0..n);
             let j = (i + rand::random_range(1..n)) % n;
             let (a, b) = (&replicas[i], &replicas[j]);
-            let (first, second) = if a.in_flight() <= b.in_flight() { (a, b) } else { (b, a) };
+            let (first, second) = if a.in_flight() <= b.in_flight() {
+                (a, b)
+            } else {
+                (b, a)
+            };
             for r in [first, second] {
                 if eligible(r)
                     && let Some(slot) = take(r)
@@ -389,7 +393,10 @@ mod tests {
         tokio::task::yield_now().await;
         assert_eq!(v.queued(), 2);
         let err = v.acquire(Duration::from_secs(5)).await.unwrap_err();
-        assert!(matches!(err, CapacityError::TooManyPending { limit: 2, .. }), "{err:?}");
+        assert!(
+            matches!(err, CapacityError::TooManyPending { limit: 2, .. }),
+            "{err:?}"
+        );
         drop(first);
         let got_a = wa.await.unwrap().unwrap();
         assert!(!wb.is_finished(), "b waits behind a");
@@ -400,7 +407,10 @@ mod tests {
             let _hold = v.try_acquire(None).unwrap();
             v.acquire(Duration::from_millis(500)).await.unwrap_err()
         };
-        assert!(matches!(err, CapacityError::QueueTimeout { waited_ms: 500, .. }));
+        assert!(matches!(
+            err,
+            CapacityError::QueueTimeout { waited_ms: 500, .. }
+        ));
         assert_eq!((v.queued(), v.in_flight()), (0, 0));
     }
 
@@ -418,7 +428,11 @@ mod tests {
         v.set_replicas(replicas(&[b]));
         let got = w.await.unwrap().unwrap();
         assert_eq!(got.replica().addr, b);
-        assert_eq!(held.replica().addr, a, "the drained replica keeps its request");
+        assert_eq!(
+            held.replica().addr,
+            a,
+            "the drained replica keeps its request"
+        );
         drop(held);
         assert_eq!(v.in_flight(), 1);
     }
@@ -427,7 +441,10 @@ mod tests {
     async fn no_replicas_is_reported_as_such() {
         let v = VersionSlots::new("blue", 1, None);
         let err = v.acquire(Duration::from_millis(100)).await.unwrap_err();
-        assert!(matches!(err, CapacityError::NoReadyReplicas { .. }), "{err:?}");
+        assert!(
+            matches!(err, CapacityError::NoReadyReplicas { .. }),
+            "{err:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -186,10 +186,18 @@ mod tests {
 
     #[test]
     fn rolls_map_to_percentiles_and_the_rest_to_the_default() {
-        let t = table(endpoint(&[("blue", 0, true), ("green", 10, false), ("red", 30, false)]));
+        let t = table(endpoint(&[
+            ("blue", 0, true),
+            ("green", 10, false),
+            ("red", 30, false),
+        ]));
         assert_eq!(
             shares(&t),
-            [("green".into(), 10), ("red".into(), 30), ("blue".into(), 60)]
+            [
+                ("green".into(), 10),
+                ("red".into(), 30),
+                ("blue".into(), 60)
+            ]
         );
         let t = table(endpoint(&[("blue", 90, true), ("green", 10, false)]));
         assert_eq!(shares(&t), [("blue".into(), 90), ("green".into(), 10)]);

@@ -79,8 +79,14 @@ pub async fn serve_data(
     }
     drop(listener);
     let open = graceful.count();
-    tracing::info!(connections = open, "draining: no new connections; waiting for requests to finish");
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    tracing::info!(
+        connections = open,
+        "draining: no new connections; waiting for requests to finish"
+    );
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("grace period of {grace:?} ended with requests still running; cutting them");
         connections.shutdown().await;
     }

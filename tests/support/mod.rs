@@ -136,9 +136,16 @@ async fn answer(
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
     };
-    let target = parts.uri.path_and_query().map_or("/".into(), |p| p.to_string());
+    let target = parts
+        .uri
+        .path_and_query()
+        .map_or("/".into(), |p| p.to_string());
     *st.last.lock().unwrap() = Some((parts.headers.clone(), target.clone()));
-    let received = body.collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
+    let received = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes().len())
+        .unwrap_or(0);
     if let Some(ms) = header("x-delay-ms").and_then(|v| v.parse().ok()) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
@@ -257,10 +264,13 @@ impl Router {
         let mut generation = self.app().generation.clone();
         let before = *generation.borrow_and_update();
         std::fs::write(self.path("endpoints.yaml"), endpoints).unwrap();
-        tokio::time::timeout(Duration::from_secs(10), generation.wait_for(|g| *g > before))
-            .await
-            .expect("reload applied within 10 s")
-            .unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            generation.wait_for(|g| *g > before),
+        )
+        .await
+        .expect("reload applied within 10 s")
+        .unwrap();
     }
 
     pub async fn metrics(&self) -> String {
