@@ -227,14 +227,26 @@ impl VersionSlots {
                 }
             }
         }
-        let mut by_load: Vec<&Arc<Replica>> = replicas.iter().filter(|r| eligible(r)).collect();
-        by_load.sort_by_key(|r| r.in_flight());
-        by_load.into_iter().find_map(take).or_else(|| {
-            // Nothing but `avoid` has room: better it than waiting.
-            avoid
-                .filter(|a| replicas.iter().any(|r| Arc::ptr_eq(a, r)))
-                .and_then(take)
-        })
+        // The least loaded replica with room; a lost race for its slot means its count
+        // moved, so look again (at most once per replica).
+        for _ in 0..n {
+            let least = replicas
+                .iter()
+                .filter(|r| eligible(r) && r.in_flight() < limit)
+                .min_by_key(|r| r.in_flight());
+            match least {
+                Some(r) => {
+                    if let Some(slot) = take(r) {
+                        return Some(slot);
+                    }
+                }
+                None => break,
+            }
+        }
+        // Nothing but `avoid` has room: better it than waiting.
+        avoid
+            .filter(|a| replicas.iter().any(|r| Arc::ptr_eq(a, r)))
+            .and_then(take)
     }
 
     fn slot(self: &Arc<Self>, replica: Arc<Replica>) -> Slot {
