@@ -35,7 +35,7 @@ fn version(name: &str, pct: u32, default: bool) -> spec::Version {
 }
 
 fn slots(replicas: u16, per_replica: u32) -> Arc<VersionSlots> {
-    let v = VersionSlots::new("blue", per_replica, None);
+    let v = VersionSlots::new("blue", per_replica, Some(1024));
     v.set_replicas(
         (0..replicas)
             .map(|i| Arc::new(Replica::new(SocketAddr::from(([127, 0, 0, 1], 5000 + i)))))

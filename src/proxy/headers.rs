@@ -110,6 +110,8 @@ pub fn for_replica(
 ) {
     strip_hop_by_hop(headers);
     headers.remove(AUTHORIZATION);
+    // The router answers `Expect: 100-continue` itself when it starts reading the body.
+    headers.remove(header::EXPECT);
     if !headers.contains_key(HOST)
         && let Some(a) = authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     {
