@@ -208,7 +208,10 @@ async fn forward(
                     Some(other) => other,
                     None => {
                         drop(slot);
-                        let wait = version.slots.acquire(version.spec.max_wait);
+                        // Not the replica that just refused it, while another could serve.
+                        let wait = version
+                            .slots
+                            .acquire_avoiding(version.spec.max_wait, Some(&replica));
                         tokio::select! {
                             got = wait => got?,
                             () = &mut deadline => return Err(timed_out().into()),

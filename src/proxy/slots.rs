@@ -75,9 +75,13 @@ pub struct VersionSlots {
     in_flight: AtomicUsize,
     /// Live waiters: incremented under the queue lock, decremented when a waiter leaves.
     queued: AtomicUsize,
-    /// Waiters in arrival order. Entries whose receiver is gone are skipped and purged.
-    queue: Mutex<VecDeque<oneshot::Sender<Slot>>>,
+    /// Waiters in arrival order, each with the replica it must not get (a retry's).
+    /// Entries whose receiver is gone are skipped and purged.
+    queue: Mutex<VecDeque<Waiter>>,
 }
+
+/// A queued request: where to send its slot, and the replica it must not get.
+type Waiter = (oneshot::Sender<Slot>, Option<Arc<Replica>>);
 
 const AUTO: usize = usize::MAX;
 
@@ -154,8 +158,19 @@ impl VersionSlots {
 
     /// Takes a slot, waiting up to `max_wait` in FIFO order when every replica is full.
     pub async fn acquire(self: &Arc<Self>, max_wait: Duration) -> Result<Slot, CapacityError> {
+        self.acquire_avoiding(max_wait, None).await
+    }
+
+    /// Like [`acquire`](Self::acquire), but never on `avoid` while the version has
+    /// another replica (a retry must not go back to the replica that refused it).
+    pub async fn acquire_avoiding(
+        self: &Arc<Self>,
+        max_wait: Duration,
+        avoid: Option<&Arc<Replica>>,
+    ) -> Result<Slot, CapacityError> {
+        let avoid = avoid.filter(|_| self.replicas.load().len() > 1);
         if self.queued.load(SeqCst) == 0
-            && let Some(slot) = self.try_acquire(None)
+            && let Some(slot) = self.try_acquire_inner(avoid, avoid.is_none())
         {
             return Ok(slot);
         }
@@ -171,15 +186,15 @@ impl VersionSlots {
             self.queued.fetch_add(1, SeqCst);
             // A release may have happened since the fast path looked; having counted
             // ourselves first, either we see its room now or it sees us and dispatches.
-            if let Some(slot) = self.try_acquire(None) {
+            if let Some(slot) = self.try_acquire_inner(avoid, avoid.is_none()) {
                 self.queued.fetch_sub(1, SeqCst);
                 return Ok(slot);
             }
             if queue.len() >= 2 * limit.max(8) {
-                queue.retain(|tx| !tx.is_closed());
+                queue.retain(|(tx, _)| !tx.is_closed());
             }
             let (tx, rx) = oneshot::channel();
-            queue.push_back(tx);
+            queue.push_back((tx, avoid.cloned()));
             rx
         };
         let _waiting = Waiting(&self.queued);
@@ -204,7 +219,17 @@ impl VersionSlots {
     ///
     /// Power of two choices: of two random replicas, the less loaded; if both are full,
     /// the least loaded of all.
+    /// `avoid` itself only when it is the version's only replica.
     pub fn try_acquire(self: &Arc<Self>, avoid: Option<&Arc<Replica>>) -> Option<Slot> {
+        self.try_acquire_inner(avoid, self.replicas.load().len() < 2)
+    }
+
+    /// [`try_acquire`](Self::try_acquire); `avoid` itself only when `fallback`.
+    fn try_acquire_inner(
+        self: &Arc<Self>,
+        avoid: Option<&Arc<Replica>>,
+        fallback: bool,
+    ) -> Option<Slot> {
         let replicas = self.replicas.load();
         let limit = self.slots_per_replica();
         let eligible = |r: &Arc<Replica>| avoid.is_none_or(|a| !Arc::ptr_eq(a, r));
@@ -245,7 +270,7 @@ impl VersionSlots {
         }
         // Nothing but `avoid` has room: better it than waiting.
         avoid
-            .filter(|a| replicas.iter().any(|r| Arc::ptr_eq(a, r)))
+            .filter(|a| fallback && replicas.iter().any(|r| Arc::ptr_eq(a, r)))
             .and_then(take)
     }
 
@@ -261,16 +286,22 @@ impl VersionSlots {
         self.replicas.load().iter().any(|r| Arc::ptr_eq(r, replica))
     }
 
-    /// Gives `slot` to the oldest live waiter, or returns it when nobody waits.
+    /// Gives `slot` to the oldest live waiter that may take its replica, or returns it
+    /// when there is none.
     fn hand_off(&self, mut slot: Slot) -> Option<Slot> {
+        let several = self.replicas.load().len() > 1;
         loop {
             let tx = {
                 let mut queue = self.queue.lock().expect("slot queue poisoned");
+                let mut i = 0;
                 loop {
-                    match queue.pop_front() {
+                    match queue.get(i) {
                         None => return Some(slot),
-                        Some(tx) if tx.is_closed() => continue,
-                        Some(tx) => break tx,
+                        Some((tx, _)) if tx.is_closed() => {
+                            queue.remove(i);
+                        }
+                        Some((_, Some(a))) if several && Arc::ptr_eq(a, slot.replica()) => i += 1,
+                        Some(_) => break queue.remove(i).expect("index checked").0,
                     }
                 }
             };
