@@ -61,8 +61,9 @@ pub fn load_all(config: &Path) -> Result<(RouterConfig, Vec<spec::Endpoint>), Ve
 /// Watches the router config and the endpoints file until `stop` turns true.
 ///
 /// Polls both files every `reloadIntervalMs` (comparing contents, so a Kubernetes-style
-/// symlink swap is seen too) and re-reads them on SIGHUP. A valid endpoints change goes
-/// to the index; the body limit applies at once; listener changes need a restart.
+/// symlink swap is seen too; a change applies once two polls in a row read it the same)
+/// and re-reads them on SIGHUP. A valid endpoints change goes to the index; the body limit
+/// applies at once; listener changes need a restart.
 pub struct Watcher {
     pub config_path: PathBuf,
     pub config: RouterConfig,
@@ -71,26 +72,41 @@ pub struct Watcher {
 }
 
 impl Watcher {
-    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+    /// Must be called right after the files were loaded (in a runtime): the files are
+    /// snapshotted and the SIGHUP handler installed by this call, not when the returned
+    /// future first runs, so a change or a SIGHUP in between is not lost.
+    pub fn run(mut self, mut stop: watch::Receiver<bool>) -> impl Future<Output = ()> + Send {
         let mut hangup =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let mut seen = (read(&self.config_path), read(&self.config.endpoints.file));
-        let mut tick = tokio::time::interval(self.config.reload_interval());
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let forced = tokio::select! {
-                _ = tick.tick() => false,
-                Some(()) = async { hangup.as_mut()?.recv().await } => true,
-                () = crate::until_true(&mut stop) => return,
-            };
-            let now = (read(&self.config_path), read(&self.config.endpoints.file));
-            if !forced && now == seen {
-                continue;
+        async move {
+            let mut tick = tokio::time::interval(self.config.reload_interval());
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // A file rewritten in place (truncate, then write) can be read empty or half
+            // written, which may well parse (an empty file is zero endpoints). So a change
+            // is applied only once it reads the same on two polls in a row.
+            let mut settling = None;
+            loop {
+                let forced = tokio::select! {
+                    _ = tick.tick() => false,
+                    Some(()) = async { hangup.as_mut()?.recv().await } => true,
+                    () = crate::until_true(&mut stop) => return,
+                };
+                let now = (read(&self.config_path), read(&self.config.endpoints.file));
+                if !forced && now == seen {
+                    settling = None;
+                    continue;
+                }
+                if !forced && settling.as_ref() != Some(&now) {
+                    settling = Some(now);
+                    continue;
+                }
+                settling = None;
+                seen = now;
+                self.reload(forced);
+                // The config may name another endpoints file now: compare against it.
+                seen.1 = read(&self.config.endpoints.file);
             }
-            seen = now;
-            self.reload(forced);
-            // The config may name another endpoints file now: compare against it.
-            seen.1 = read(&self.config.endpoints.file);
         }
     }
 

@@ -263,7 +263,7 @@ impl Router {
     pub async fn reload(&self, endpoints: &str) {
         let mut generation = self.app().generation.clone();
         let before = *generation.borrow_and_update();
-        std::fs::write(self.path("endpoints.yaml"), endpoints).unwrap();
+        write_atomically(self.path("endpoints.yaml"), endpoints).unwrap();
         tokio::time::timeout(
             Duration::from_secs(10),
             generation.wait_for(|g| *g > before),
@@ -281,6 +281,17 @@ impl Router {
     pub async fn shutdown(mut self) {
         self.app.take().unwrap().shutdown().await;
     }
+}
+
+/// Replaces a file the way editors and Kubernetes volume updates do (write a new file,
+/// rename it over the old), so the watcher never reads it half written.
+pub fn write_atomically(
+    path: impl AsRef<std::path::Path>,
+    contents: impl AsRef<[u8]>,
+) -> std::io::Result<()> {
+    let tmp = path.as_ref().with_extension("tmp");
+    std::fs::write(&tmp, contents)?;
+    std::fs::rename(&tmp, path)
 }
 
 /// An HTTP/1.1 client with a connection pool.
