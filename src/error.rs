@@ -57,7 +57,10 @@ pub enum CapacityError {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UpstreamError {
-    #[error("no replica of version '{version}' could be reached: {reason}")]
+    /// `reason` names replica addresses: it goes to the log, never to the client.
+    #[error(
+        "no replica of version '{version}' could be reached, or it closed the connection before answering"
+    )]
     Unavailable { version: String, reason: String },
     #[error("version '{version}' did not answer within {timeout_ms} ms")]
     Timeout { version: String, timeout_ms: u64 },
@@ -123,6 +126,14 @@ impl ProxyError {
         }
     }
 
+    /// What the operator needs besides the client's message, if anything.
+    pub fn detail(&self) -> Option<&str> {
+        match self {
+            ProxyError::Upstream(UpstreamError::Unavailable { reason, .. }) => Some(reason),
+            _ => None,
+        }
+    }
+
     /// The JSON body: `{"error":{"code":"...","message":"..."}}`.
     pub fn body(&self) -> Bytes {
         let body = serde_json::json!({
@@ -137,5 +148,40 @@ impl ProxyError {
             waited_ms: waited.as_millis() as u64,
         }
         .into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replica_addresses_stay_out_of_client_bodies() {
+        let err = ProxyError::from(UpstreamError::Unavailable {
+            version: "blue".into(),
+            reason: "connect 10.1.2.3:5001: Connection refused".into(),
+        });
+        let body = String::from_utf8(err.body().to_vec()).unwrap();
+        assert!(
+            body.contains("ReplicaUnavailable") && body.contains("blue"),
+            "{body}"
+        );
+        assert!(!body.contains("10.1.2.3"), "{body}");
+        assert_eq!(
+            err.detail(),
+            Some("connect 10.1.2.3:5001: Connection refused")
+        );
+    }
+
+    #[test]
+    fn capacity_errors_say_when_to_retry_and_auth_errors_how_to_authenticate() {
+        let full = ProxyError::from(CapacityError::TooManyPending {
+            version: "blue".into(),
+            limit: 2,
+        });
+        assert_eq!(full.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(full.extra_header().unwrap().0, header::RETRY_AFTER);
+        let denied = ProxyError::from(ClientError::Unauthorized);
+        assert_eq!(denied.extra_header().unwrap().0, header::WWW_AUTHENTICATE);
     }
 }

@@ -287,6 +287,7 @@ fn error_response(err: ProxyError, mut record: Record) -> Response<ProxyBody> {
         tracing::warn!(
             endpoint = record.endpoint.as_ref().map_or("", |e| e.name.as_str()),
             version = record.version.as_ref().map_or("", |v| v.name()),
+            detail = err.detail().unwrap_or(""),
             "{err}"
         );
     }
