@@ -19,93 +19,36 @@ use tokio::{
     time::Instant,
 };
 
-/// How long any polled condition may take before the test fails.
-const PATIENCE: Duration = Duration::from_secs(3);
-
-/// An address nobody listens on: a port just bound and released.
-fn closed_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
-/// `[{name: NAME, replicas: [...], SETTINGS}]` as a YAML flow mapping (no brackets).
-fn version(name: &str, replicas: &[SocketAddr], settings: &str) -> String {
-    let list = replicas
-        .iter()
-        .map(|a| format!("'{a}'"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    format!("{{name: {name}, replicas: [{list}], {settings}}}")
-}
-
-/// An endpoint `cap` with one version `blue`.
+/// An endpoint `cap` with one version `blue` on `replicas`, with extra version `settings`.
 async fn router_one(replicas: &[SocketAddr], settings: &str) -> Router {
-    Router::start(&endpoint(
-        "cap",
-        &format!("[{}]", version("blue", replicas, settings)),
-    ))
-    .await
+    Router::start(&one_version("cap", replicas, settings)).await
 }
 
 /// A scoring POST to endpoint `cap` with extra headers.
 fn req(router: &Router, headers: &[(&str, &str)]) -> Request<TestBody> {
-    let mut b = scoring("POST", &router.url("/api/v1/service/cap/score"));
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
-    b.body(body("{}")).unwrap()
+    scoring_post(&router.url("/api/v1/service/cap/score"), KEY, headers, "{}")
 }
 
 fn header<'a>(parts: &'a http::response::Parts, name: &str) -> Option<&'a str> {
     parts.headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-/// Polls `cond` until it holds, failing the test after [`PATIENCE`].
-async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 /// The value of gauge `name` for endpoint `cap` on the router's /metrics.
-async fn gauge(router: &Router, name: &str) -> Option<i64> {
-    let text = router.metrics().await;
-    text.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{'))
-                && l.contains("endpoint=\"cap\"")
-        })
-        .find_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|v| v as i64)
+async fn gauge(router: &Router, name: &str) -> Option<f64> {
+    metric(&router.metrics().await, name, &[("endpoint", "cap")])
 }
 
 /// Polls /metrics until gauge `name` of endpoint `cap` equals `want`.
-async fn wait_gauge(router: &Router, name: &str, want: i64) {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let got = gauge(router, name).await;
-        if got == Some(want) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {name} == {want}; last seen {got:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+async fn wait_gauge(router: &Router, name: &str, want: f64) {
+    metric_eventually(router, Patience::SHORT, name, &[("endpoint", "cap")], want).await;
 }
 
 const IN_FLIGHT: &str = "scorefront_in_flight_requests";
 const QUEUED: &str = "scorefront_queued_requests";
 
-/// Sends `req` and asserts a 200 from a fake model.
+/// Sends `req`, asserts a 200 from a fake model and returns the model's name.
 async fn ok(req: Request<TestBody>) -> String {
-    let (parts, body) = send(req).await;
-    assert_eq!(parts.status, 200, "{body:?}");
-    model_of(&body)
+    model_of(&send_ok(req).await.1)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,7 +80,7 @@ async fn replicas_never_get_more_than_their_slots() {
         2,
         "40 requests on 4 slots fill a replica"
     );
-    wait_gauge(&router, IN_FLIGHT, 0).await;
+    wait_gauge(&router, IN_FLIGHT, 0.0).await;
     router.shutdown().await;
 }
 
@@ -146,7 +89,7 @@ async fn waiting_longer_than_max_wait_is_503_queue_timeout() {
     let m = Model::start("m").await;
     let router = router_one(&[m.addr], "maxRequestWaitTimeMs: 100").await;
     let holder = tokio::spawn(send(req(&router, &[("x-delay-ms", "1500")])));
-    wait_for("the holder at the model", || {
+    until("the holder at the model", Patience::SHORT, || {
         m.state.current.load(SeqCst) == 1
     })
     .await;
@@ -178,8 +121,8 @@ async fn waiting_longer_than_max_wait_is_503_queue_timeout() {
 
     let (parts, _) = holder.await.unwrap();
     assert_eq!(parts.status, 200);
-    wait_gauge(&router, QUEUED, 0).await;
-    wait_gauge(&router, IN_FLIGHT, 0).await;
+    wait_gauge(&router, QUEUED, 0.0).await;
+    wait_gauge(&router, IN_FLIGHT, 0.0).await;
     router.shutdown().await;
 }
 
@@ -192,12 +135,12 @@ async fn a_full_queue_answers_429_at_once() {
     )
     .await;
     let holder = tokio::spawn(send(req(&router, &[("x-delay-ms", "1500")])));
-    wait_for("the holder at the model", || {
+    until("the holder at the model", Patience::SHORT, || {
         m.state.current.load(SeqCst) == 1
     })
     .await;
     let waiter = tokio::spawn(send(req(&router, &[])));
-    wait_gauge(&router, QUEUED, 1).await;
+    wait_gauge(&router, QUEUED, 1.0).await;
 
     let (parts, body) = send(req(&router, &[])).await;
     assert_eq!(parts.status, 429, "{body:?}");
@@ -222,7 +165,7 @@ async fn a_full_queue_answers_429_at_once() {
         2,
         "the refused request never reached the model"
     );
-    wait_gauge(&router, IN_FLIGHT, 0).await;
+    wait_gauge(&router, IN_FLIGHT, 0.0).await;
     router.shutdown().await;
 }
 
@@ -235,7 +178,7 @@ async fn queued_requests_are_served_in_arrival_order() {
     )
     .await;
     let holder = tokio::spawn(send(req(&router, &[("x-delay-ms", "1500")])));
-    wait_for("the holder at the model", || {
+    until("the holder at the model", Patience::SHORT, || {
         m.state.current.load(SeqCst) == 1
     })
     .await;
@@ -249,7 +192,7 @@ async fn queued_requests_are_served_in_arrival_order() {
             done.lock().unwrap().push(i);
             (parts.status, body)
         }));
-        wait_gauge(&router, QUEUED, i + 1).await;
+        wait_gauge(&router, QUEUED, (i + 1) as f64).await;
     }
     assert!(!holder.is_finished(), "all six queued behind the holder");
     assert_eq!(holder.await.unwrap().0.status, 200);
@@ -279,11 +222,13 @@ async fn scoring_timeout_is_504_and_frees_the_slot() {
     // within the 100 ms wait.
     assert_eq!(ok(req(&router, &[])).await, "m");
     assert_eq!(m.requests(), 2);
-    wait_gauge(&router, IN_FLIGHT, 0).await;
+    wait_gauge(&router, IN_FLIGHT, 0.0).await;
     // The router dropped the timed-out exchange's connection, so the model stops too.
-    wait_for("the model to see the abandoned request go", || {
-        m.state.current.load(SeqCst) == 0
-    })
+    until(
+        "the model to see the abandoned request go",
+        Patience::SHORT,
+        || m.state.current.load(SeqCst) == 0,
+    )
     .await;
     router.shutdown().await;
 }
@@ -293,8 +238,8 @@ async fn unsent_requests_are_retried_once_on_another_replica() {
     let live = Model::start("live").await;
     let versions = format!(
         "[{}, {}]",
-        version("mixed", &[closed_port(), live.addr], ""),
-        version("dead", &[closed_port(), closed_port()], "")
+        version("mixed", &[unused_addr(), live.addr], ""),
+        version("dead", &[unused_addr(), unused_addr()], "")
     );
     let router = Router::start(&endpoint("cap", &versions)).await;
     for _ in 0..20 {
@@ -306,7 +251,7 @@ async fn unsent_requests_are_retried_once_on_another_replica() {
     assert_eq!(parts.status, 502, "{body:?}");
     assert_eq!(error_code(&body), "ReplicaUnavailable");
     assert_eq!(header(&parts, "azureml-model-deployment"), Some("dead"));
-    wait_gauge(&router, IN_FLIGHT, 0).await;
+    wait_gauge(&router, IN_FLIGHT, 0.0).await;
     router.shutdown().await;
 }
 
@@ -344,14 +289,14 @@ async fn a_client_that_goes_away_frees_its_slot() {
 
     // A raw connection closed while the model works on its request.
     let conn = raw_request(&router, "x-delay-ms: 30000\r\n").await;
-    wait_for("the request at the model", || {
+    until("the request at the model", Patience::SHORT, || {
         m.state.current.load(SeqCst) == 1
     })
     .await;
     drop(conn);
     // The model would hold the slot for 30 s: only the release lets this one through.
     assert_eq!(ok(req(&router, &[])).await, "m");
-    wait_gauge(&router, IN_FLIGHT, 0).await;
+    wait_gauge(&router, IN_FLIGHT, 0.0).await;
 
     // An HTTP client whose request future is dropped (a client-side timeout).
     let gave_up = tokio::time::timeout(
@@ -361,23 +306,23 @@ async fn a_client_that_goes_away_frees_its_slot() {
     .await;
     assert!(gave_up.is_err(), "the model answers after 30 s, not 50 ms");
     assert_eq!(ok(req(&router, &[])).await, "m");
-    wait_gauge(&router, IN_FLIGHT, 0).await;
+    wait_gauge(&router, IN_FLIGHT, 0.0).await;
 
     // A waiter that gives up while queued leaves the queue without taking a slot.
-    wait_for("the model to drop abandoned work", || {
+    until("the model to drop abandoned work", Patience::SHORT, || {
         m.state.current.load(SeqCst) == 0
     })
     .await;
     let holder = tokio::spawn(send(req(&router, &[("x-delay-ms", "1500")])));
-    wait_for("the holder at the model", || {
+    until("the holder at the model", Patience::SHORT, || {
         m.state.current.load(SeqCst) == 1
     })
     .await;
     let before = m.requests();
     let quitter = tokio::spawn(send(req(&router, &[])));
-    wait_gauge(&router, QUEUED, 1).await;
+    wait_gauge(&router, QUEUED, 1.0).await;
     quitter.abort();
-    wait_gauge(&router, QUEUED, 0).await;
+    wait_gauge(&router, QUEUED, 0.0).await;
     assert!(
         !holder.is_finished(),
         "the queue emptied because the waiter left"
@@ -389,7 +334,7 @@ async fn a_client_that_goes_away_frees_its_slot() {
         before + 1,
         "the quitter never reached the model"
     );
-    wait_gauge(&router, IN_FLIGHT, 0).await;
+    wait_gauge(&router, IN_FLIGHT, 0.0).await;
     router.shutdown().await;
 }
 
@@ -410,12 +355,12 @@ async fn a_client_that_stops_reading_a_stream_frees_its_slot() {
         assert_eq!(first.into_data().unwrap(), "chunk-0\n");
         assert_eq!(
             gauge(&router, IN_FLIGHT).await,
-            Some(1),
+            Some(1.0),
             "the stream holds it"
         );
     }
     assert_eq!(ok(req(&router, &[])).await, "m");
-    wait_gauge(&router, IN_FLIGHT, 0).await;
+    wait_gauge(&router, IN_FLIGHT, 0.0).await;
     router.shutdown().await;
 }
 
@@ -435,7 +380,7 @@ async fn upstream_errors_free_the_slot() {
         assert_eq!(ok(req(&router, &[])).await, "m");
     }
     assert_eq!(m.requests(), 12);
-    wait_gauge(&router, IN_FLIGHT, 0).await;
+    wait_gauge(&router, IN_FLIGHT, 0.0).await;
     router.shutdown().await;
 }
 
@@ -474,7 +419,7 @@ async fn a_replica_that_closes_every_connection_still_serves() {
         50,
         "one connection per request"
     );
-    wait_gauge(&router, IN_FLIGHT, 0).await;
+    wait_gauge(&router, IN_FLIGHT, 0.0).await;
     router.shutdown().await;
 }
 
@@ -494,7 +439,7 @@ async fn a_body_cut_off_by_the_scoring_timeout_frees_the_slot() {
     assert_eq!(resp.status(), 200, "headers came before the deadline");
     let mut body = resp.into_body();
     let mut received = Vec::new();
-    let outcome = tokio::time::timeout(PATIENCE, async {
+    let outcome = tokio::time::timeout(Patience::SHORT.within, async {
         loop {
             match body.frame().await {
                 Some(Ok(frame)) => received.extend_from_slice(frame.data_ref().unwrap()),
@@ -514,7 +459,7 @@ async fn a_body_cut_off_by_the_scoring_timeout_frees_the_slot() {
     assert!(!text.contains("chunk-999"), "the body was truncated");
     // The model would stream for 20 s more: the slot was released at the cut.
     assert_eq!(ok(req(&router, &[])).await, "m");
-    wait_gauge(&router, IN_FLIGHT, 0).await;
+    wait_gauge(&router, IN_FLIGHT, 0.0).await;
     drop(body);
     router.shutdown().await;
 }
@@ -526,7 +471,7 @@ async fn a_raw_client_that_reads_part_of_a_stream_and_leaves_frees_the_slot() {
     let mut conn = raw_request(&router, "x-stream: 1000\r\n").await;
     let mut buf = vec![0u8; 4096];
     let mut seen = String::new();
-    tokio::time::timeout(PATIENCE, async {
+    tokio::time::timeout(Patience::SHORT.within, async {
         while !seen.contains("chunk-1") {
             let n = conn.read(&mut buf).await.unwrap();
             assert!(n > 0, "router closed early: {seen:?}");
@@ -538,7 +483,7 @@ async fn a_raw_client_that_reads_part_of_a_stream_and_leaves_frees_the_slot() {
     assert!(seen.starts_with("HTTP/1.1 200"), "{seen}");
     drop(conn);
     assert_eq!(ok(req(&router, &[])).await, "m");
-    wait_gauge(&router, IN_FLIGHT, 0).await;
+    wait_gauge(&router, IN_FLIGHT, 0.0).await;
     router.shutdown().await;
 }
 
@@ -547,7 +492,7 @@ async fn a_raw_client_that_reads_part_of_a_stream_and_leaves_frees_the_slot() {
 async fn dead_replica_under_load(slots: u32, n: usize) {
     let live = Model::start("live").await;
     let router = router_one(
-        &[closed_port(), live.addr],
+        &[unused_addr(), live.addr],
         &format!(
             "maxConcurrentRequestsPerContainer: {slots}, maxRequestWaitTimeMs: 4000, \
              maxPendingRequests: 100"
@@ -571,8 +516,8 @@ async fn dead_replica_under_load(slots: u32, n: usize) {
     );
     assert_eq!(live.requests(), n);
     assert!(live.max_concurrent() <= slots as usize);
-    wait_gauge(&router, IN_FLIGHT, 0).await;
-    wait_gauge(&router, QUEUED, 0).await;
+    wait_gauge(&router, IN_FLIGHT, 0.0).await;
+    wait_gauge(&router, QUEUED, 0.0).await;
     router.shutdown().await;
 }
 
@@ -589,7 +534,7 @@ async fn a_retry_under_load_never_returns_to_the_dead_replica_with_two_slots() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_to_all_dead_replicas_are_502_without_waiting() {
     let router = router_one(
-        &[closed_port(), closed_port()],
+        &[unused_addr(), unused_addr()],
         "maxRequestWaitTimeMs: 4000, maxPendingRequests: 100",
     )
     .await;
@@ -597,13 +542,13 @@ async fn concurrent_requests_to_all_dead_replicas_are_502_without_waiting() {
         .map(|_| tokio::spawn(send(req(&router, &[]))))
         .collect();
     for t in tasks {
-        let (parts, body) = tokio::time::timeout(PATIENCE, t)
+        let (parts, body) = tokio::time::timeout(Patience::SHORT.within, t)
             .await
             .expect("a refused request does not wait out the queue")
             .unwrap();
         assert_eq!(parts.status, 502, "{body:?}");
         assert_eq!(error_code(&body), "ReplicaUnavailable");
     }
-    wait_gauge(&router, IN_FLIGHT, 0).await;
+    wait_gauge(&router, IN_FLIGHT, 0.0).await;
     router.shutdown().await;
 }

@@ -12,7 +12,6 @@ mod support;
 use std::{
     collections::HashSet,
     convert::Infallible,
-    future::Future,
     net::SocketAddr,
     path::{Path, PathBuf},
     process::Stdio,
@@ -36,7 +35,6 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::{RwLock, watch},
     task::JoinHandle,
-    time::Instant,
 };
 
 /// Tests that run routers inside this process hold this for reading; the SIGHUP test holds
@@ -49,46 +47,6 @@ const NEW_KEY2: &str = "rotated-secondary-key-0004";
 
 // ---------------------------------------------------------------------------------------
 // helpers
-
-/// A bound on a polling loop: `tick` fails the test once 10 s have passed, and otherwise
-/// waits 25 ms before the next look.
-struct Deadline {
-    what: String,
-    at: Instant,
-}
-
-impl Deadline {
-    fn new(what: impl Into<String>) -> Deadline {
-        Deadline {
-            what: what.into(),
-            at: Instant::now() + Duration::from_secs(10),
-        }
-    }
-
-    async fn tick(&self) {
-        assert!(
-            Instant::now() < self.at,
-            "timed out after 10 s waiting for {}",
-            self.what
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-/// Polls `check` every 25 ms until it returns `Some`, for at most 10 s.
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Deadline::new(what);
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        deadline.tick().await;
-    }
-}
 
 /// Sends a request and reads the whole answer; panics if none comes within 15 s.
 async fn exchange(req: Request<TestBody>) -> (http::response::Parts, Bytes) {
@@ -104,11 +62,7 @@ async fn score(
     headers: &[(&str, &str)],
     payload: impl Into<Bytes>,
 ) -> (http::response::Parts, Bytes) {
-    let mut req = Request::post(url).header("authorization", format!("Bearer {key}"));
-    for (name, value) in headers {
-        req = req.header(*name, *value);
-    }
-    exchange(req.body(body(payload)).unwrap()).await
+    exchange(scoring_post(url, key, headers, payload)).await
 }
 
 /// GET without panicking when nothing listens (yet, or any more).
@@ -131,23 +85,18 @@ async fn refused(addr: SocketAddr) -> bool {
     )
 }
 
-/// One endpoint document with the given keys.
-fn endpoint_with_keys(name: &str, primary: &str, secondary: &str, versions: &str) -> String {
-    format!(
-        "apiVersion: scorefront.io/v1\nkind: ScoringEndpoint\nmetadata: {{name: {name}}}\n\
-         spec:\n  keys: {{primaryKey: {primary}, secondaryKey: {secondary}}}\n  versions: {versions}\n"
-    )
-}
-
 /// Blue (default) and green versions on fixed replicas, `green_pct` of traffic to green.
 fn blue_green(blue: SocketAddr, green: SocketAddr, green_pct: u32) -> String {
-    endpoint(
-        "fraud",
-        &format!(
-            "[{{name: blue, replicas: ['{blue}']}}, \
-              {{name: green, trafficPercentile: {green_pct}, replicas: ['{green}']}}]"
+    let versions = format!(
+        "[{}, {}]",
+        version("blue", &[blue], ""),
+        version(
+            "green",
+            &[green],
+            &format!("trafficPercentile: {green_pct}")
         ),
-    )
+    );
+    endpoint("fraud", &versions)
 }
 
 /// Which models answered `n` sequential scoring requests (all must be 200).
@@ -171,10 +120,6 @@ async fn models_answering(router: &Router, n: usize) -> Vec<String> {
 
 fn all_equal(seen: &[String], want: &str) -> bool {
     seen.iter().all(|m| m == want)
-}
-
-fn json(body: &[u8]) -> serde_json::Value {
-    serde_json::from_slice(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body:?}"))
 }
 
 /// Whether process `pid` exists (a zombie still counts: it has not been reaped).
@@ -220,7 +165,10 @@ fn sample_pid(body: &[u8]) -> i32 {
 /// Scores against sample models until `want` distinct pids have answered; returns them.
 async fn pids_answering(url: &str, want: usize) -> HashSet<i32> {
     let mut pids = HashSet::new();
-    let deadline = Deadline::new(format!("{want} replica processes answering at {url}"));
+    let deadline = Deadline::new(
+        format!("{want} replica processes answering at {url}"),
+        Patience::LONG,
+    );
     loop {
         let (parts, body) = score(url, KEY, &[], r#"{"n": 1}"#).await;
         if parts.status == 200 {
@@ -336,7 +284,7 @@ async fn traffic_split_change_applies_on_reload() {
 async fn keys_rotate_without_restart() {
     let _signals = SIGNALS.read().await;
     let blue = Model::start("blue").await;
-    let versions = format!("[{{name: blue, replicas: ['{}']}}]", blue.addr);
+    let versions = format!("[{}]", version("blue", &[blue.addr], ""));
     let router = Router::start(&endpoint("fraud", &versions)).await;
     let url = router.url("/api/v1/service/fraud/score");
     for key in [KEY, KEY2] {
@@ -380,10 +328,14 @@ async fn invalid_endpoints_file_keeps_the_last_good_table() {
         router_config("maxRequestBodyBytes: 64\n"),
     )
     .unwrap();
-    eventually("the router config change to apply", || async {
-        let (parts, body) = score(&url, KEY, &[], vec![b'x'; 100]).await;
-        (parts.status == 413).then(|| assert_eq!(error_code(&body), "PayloadTooLarge"))
-    })
+    eventually(
+        "the router config change to apply",
+        Patience::LONG,
+        || async {
+            let (parts, body) = score(&url, KEY, &[], vec![b'x'; 100]).await;
+            (parts.status == 413).then(|| assert_eq!(error_code(&body), "PayloadTooLarge"))
+        },
+    )
     .await;
 
     assert_eq!(
@@ -408,25 +360,25 @@ async fn invalid_endpoints_file_keeps_the_last_good_table() {
 async fn body_limit_change_applies_live() {
     let _signals = SIGNALS.read().await;
     let blue = Model::start("blue").await;
-    let router = Router::start(&endpoint(
-        "fraud",
-        &format!("[{{name: blue, replicas: ['{}']}}]", blue.addr),
-    ))
-    .await;
+    let router = Router::start(&one_version("fraud", &[blue.addr], "")).await;
     let url = router.url("/api/v1/service/fraud/score");
     let (parts, body) = score(&url, KEY, &[], vec![b'x'; 1000]).await;
     assert_eq!(parts.status, 200, "{body:?}");
-    assert_eq!(json(&body)["body"], 1000);
+    assert_eq!(body_len_of(&body), 1000);
 
     write_atomically(
         router.path("scorefront.yaml"),
         router_config("maxRequestBodyBytes: 500\n"),
     )
     .unwrap();
-    eventually("maxRequestBodyBytes: 500 to apply", || async {
-        let (parts, body) = score(&url, KEY, &[], vec![b'x'; 1000]).await;
-        (parts.status == 413).then(|| assert_eq!(error_code(&body), "PayloadTooLarge"))
-    })
+    eventually(
+        "maxRequestBodyBytes: 500 to apply",
+        Patience::LONG,
+        || async {
+            let (parts, body) = score(&url, KEY, &[], vec![b'x'; 1000]).await;
+            (parts.status == 413).then(|| assert_eq!(error_code(&body), "PayloadTooLarge"))
+        },
+    )
     .await;
     let (parts, body) = score(&url, KEY, &[], vec![b'x'; 400]).await;
     assert_eq!(
@@ -439,10 +391,14 @@ async fn body_limit_change_applies_live() {
         router_config("maxRequestBodyBytes: 2000\n"),
     )
     .unwrap();
-    eventually("maxRequestBodyBytes: 2000 to apply", || async {
-        let (parts, _) = score(&url, KEY, &[], vec![b'x'; 1000]).await;
-        (parts.status == 200).then_some(())
-    })
+    eventually(
+        "maxRequestBodyBytes: 2000 to apply",
+        Patience::LONG,
+        || async {
+            let (parts, _) = score(&url, KEY, &[], vec![b'x'; 1000]).await;
+            (parts.status == 200).then_some(())
+        },
+    )
     .await;
     router.shutdown().await;
 }
@@ -472,7 +428,7 @@ async fn sighup_rereads_the_files() {
     let before = *generation.borrow_and_update();
     // The watcher registers its own handler when its task first runs; until then a
     // signal passes it by, so send again until the reload shows.
-    let deadline = Deadline::new("SIGHUP to reload the endpoints file");
+    let deadline = Deadline::new("SIGHUP to reload the endpoints file", Patience::LONG);
     loop {
         // SAFETY: kill(2) on our own pid; SIGHUP has a handler (above).
         assert_eq!(unsafe { libc::kill(libc::getpid(), libc::SIGHUP) }, 0);
@@ -505,22 +461,17 @@ async fn reload_during_load_loses_no_request() {
         Model::start("c").await,
     );
     let table = |blue: &[&Model], green: &[&Model], green_pct: u32| {
-        let list = |ms: &[&Model]| {
-            ms.iter()
-                .map(|m| format!("'{}'", m.addr))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        endpoint(
-            "fraud",
-            &format!(
-                "[{{name: blue, maxConcurrentRequestsPerContainer: 8, replicas: [{}]}}, \
-                  {{name: green, maxConcurrentRequestsPerContainer: 8, \
-                    trafficPercentile: {green_pct}, replicas: [{}]}}]",
-                list(blue),
-                list(green)
+        let addrs = |ms: &[&Model]| ms.iter().map(|m| m.addr).collect::<Vec<_>>();
+        let versions = format!(
+            "[{}, {}]",
+            version("blue", &addrs(blue), "maxConcurrentRequestsPerContainer: 8"),
+            version(
+                "green",
+                &addrs(green),
+                &format!("maxConcurrentRequestsPerContainer: 8, trafficPercentile: {green_pct}")
             ),
-        )
+        );
+        endpoint("fraud", &versions)
     };
     // Splits changing, replicas added, removed and moving between versions.
     let tables = [
@@ -563,7 +514,7 @@ async fn reload_during_load_loses_no_request() {
     for (p, t) in tables.iter().enumerate().skip(1) {
         // Halfway through the phase that is running.
         let target = (per_phase * p - per_phase / 2).min(CLIENTS * PER_CLIENT - per_phase / 2);
-        eventually("clients to progress", || async {
+        eventually("clients to progress", Patience::LONG, || async {
             (done.load(SeqCst) >= target).then_some(())
         })
         .await;
@@ -598,11 +549,8 @@ async fn removed_replica_drains() {
     let _signals = SIGNALS.read().await;
     let (one, two) = (Gated::start("one").await, Gated::start("two").await);
     let table = |replicas: &[&Gated]| {
-        let list: Vec<String> = replicas.iter().map(|m| format!("'{}'", m.addr)).collect();
-        endpoint(
-            "fraud",
-            &format!("[{{name: blue, replicas: [{}]}}]", list.join(", ")),
-        )
+        let addrs: Vec<SocketAddr> = replicas.iter().map(|m| m.addr).collect();
+        one_version("fraud", &addrs, "")
     };
     let router = Router::start(&table(&[&one, &two])).await;
     let url = router.url("/api/v1/service/fraud/score");
@@ -611,9 +559,11 @@ async fn removed_replica_drains() {
         let url = url.clone();
         tokio::spawn(async move { score(&url, KEY, &[("x-gate", "1")], "{}").await })
     };
-    eventually("the slow request to reach a replica", || async {
-        (one.held() + two.held() == 1).then_some(())
-    })
+    eventually(
+        "the slow request to reach a replica",
+        Patience::LONG,
+        || async { (one.held() + two.held() == 1).then_some(()) },
+    )
     .await;
     let (busy, idle, idle_name) = if one.held() == 1 {
         (&one, &two, "two")
@@ -656,17 +606,15 @@ async fn removed_replica_drains() {
 async fn shutdown_lets_a_slow_request_finish() {
     let _signals = SIGNALS.read().await;
     let blue = Model::start("blue").await;
-    let router = Router::start(&endpoint(
-        "fraud",
-        &format!("[{{name: blue, replicas: ['{}']}}]", blue.addr),
-    ))
-    .await;
+    let router = Router::start(&one_version("fraud", &[blue.addr], "")).await;
     let (http, admin) = (router.http, router.admin);
     let url = router.url("/api/v1/service/fraud/score");
     let slow = tokio::spawn(async move { score(&url, KEY, &[("x-delay-ms", "500")], "{}").await });
-    eventually("the slow request to reach the model", || async {
-        (blue.state.current.load(SeqCst) == 1).then_some(())
-    })
+    eventually(
+        "the slow request to reach the model",
+        Patience::LONG,
+        || async { (blue.state.current.load(SeqCst) == 1).then_some(()) },
+    )
     .await;
     tokio::time::timeout(Duration::from_secs(10), router.shutdown())
         .await
@@ -688,30 +636,33 @@ async fn shutdown_lets_a_slow_request_finish() {
 async fn shutdown_drains_not_ready_and_refusing_new_connections() {
     let _signals = SIGNALS.read().await;
     let model = Gated::start("blue").await;
-    let router = Router::start(&endpoint(
-        "fraud",
-        &format!("[{{name: blue, replicas: ['{}']}}]", model.addr),
-    ))
-    .await;
+    let router = Router::start(&one_version("fraud", &[model.addr], "")).await;
     let (http, admin) = (router.http, router.admin);
     let readyz = format!("http://{admin}/readyz");
     assert_eq!(get(&readyz).await.0.status, 200);
     let url = router.url("/api/v1/service/fraud/score");
     let slow = tokio::spawn(async move { score(&url, KEY, &[("x-gate", "1")], "{}").await });
-    eventually("the slow request to reach the model", || async {
-        (model.held() == 1).then_some(())
-    })
+    eventually(
+        "the slow request to reach the model",
+        Patience::LONG,
+        || async { (model.held() == 1).then_some(()) },
+    )
     .await;
 
     let shutdown = tokio::spawn(router.shutdown());
     // The slow request cannot finish before the gate opens, so this is the drain.
-    eventually("/readyz to turn 503 while draining", || async {
-        let (parts, _) = get(&readyz).await;
-        (parts.status == 503).then_some(())
-    })
+    eventually(
+        "/readyz to turn 503 while draining",
+        Patience::LONG,
+        || async {
+            let (parts, _) = get(&readyz).await;
+            (parts.status == 503).then_some(())
+        },
+    )
     .await;
     eventually(
         "new scoring connections to be refused while draining",
+        Patience::LONG,
         || async { refused(http).await.then_some(()) },
     )
     .await;
@@ -743,11 +694,7 @@ async fn shutdown_drains_not_ready_and_refusing_new_connections() {
 async fn admin_port_health_readiness_and_metrics() {
     let _signals = SIGNALS.read().await;
     let blue = Model::start("blue").await;
-    let router = Router::start(&endpoint(
-        "fraud",
-        &format!("[{{name: blue, replicas: ['{}']}}]", blue.addr),
-    ))
-    .await;
+    let router = Router::start(&one_version("fraud", &[blue.addr], "")).await;
     let admin = |path: &str| format!("http://{}{path}", router.admin);
     let (parts, body) = get(&admin("/healthz")).await;
     assert_eq!(parts.status, 200, "{body:?}");
@@ -767,17 +714,6 @@ async fn admin_port_health_readiness_and_metrics() {
     let kind = parts.headers["content-type"].to_str().unwrap();
     assert!(kind.starts_with("text/plain; version=0.0.4"), "{kind}");
     let text = String::from_utf8(body.to_vec()).unwrap();
-    // One sample line with the given name, labels and value.
-    let sample = |name: &str, labels: &[&str], value: &str| {
-        text.lines().any(|l| {
-            l.strip_prefix(name)
-                .and_then(|rest| rest.strip_prefix('{'))
-                .and_then(|rest| rest.rsplit_once("} "))
-                .is_some_and(|(ls, v)| {
-                    v == value && labels.iter().all(|want| ls.split(',').any(|l| l == *want))
-                })
-        })
-    };
     for (kind, name) in [
         ("counter", "scorefront_requests_total"),
         ("histogram", "scorefront_request_duration_seconds"),
@@ -797,34 +733,38 @@ async fn admin_port_health_readiness_and_metrics() {
             "{name} help:\n{text}"
         );
     }
-    let ep = r#"endpoint="fraud""#;
-    let blue_v = r#"version="blue""#;
-    assert!(
-        sample(
+    let ep = ("endpoint", "fraud");
+    let blue_v = ("version", "blue");
+    assert_eq!(
+        metric(
+            &text,
             "scorefront_requests_total",
-            &[ep, blue_v, r#"code="200""#],
-            "1"
+            &[ep, blue_v, ("code", "200")]
         ),
+        Some(1.0),
         "{text}"
     );
-    assert!(
-        sample("scorefront_auth_failures_total", &[ep], "1"),
+    assert_eq!(
+        metric(&text, "scorefront_auth_failures_total", &[ep]),
+        Some(1.0),
         "{text}"
     );
-    assert!(
-        sample(
+    assert_eq!(
+        metric(
+            &text,
             "scorefront_replicas",
-            &[ep, blue_v, r#"state="ready""#],
-            "1"
+            &[ep, blue_v, ("state", "ready")]
         ),
+        Some(1.0),
         "{text}"
     );
-    assert!(
-        sample(
+    assert_eq!(
+        metric(
+            &text,
             "scorefront_request_duration_seconds_count",
-            &[ep, blue_v],
-            "1"
+            &[ep, blue_v]
         ),
+        Some(1.0),
         "{text}"
     );
     router.shutdown().await;
@@ -845,7 +785,7 @@ async fn local_replicas_are_supervised_and_stopped() {
 
     // SAFETY: kill(2) on a replica process this router started.
     assert_eq!(unsafe { libc::kill(killed, libc::SIGKILL) }, 0);
-    let replacement = eventually("a restarted replica to answer", || async {
+    let replacement = eventually("a restarted replica to answer", Patience::LONG, || async {
         let (parts, body) = score(&url, KEY, &[], r#"{"n": 1}"#).await;
         if parts.status != 200 {
             // Allowed briefly, while the router learns the replica is gone.
@@ -862,9 +802,11 @@ async fn local_replicas_are_supervised_and_stopped() {
         (pid != survivor).then_some(pid)
     })
     .await;
-    eventually("the killed replica to be reaped", || async {
-        (!proc_exists(killed)).then_some(())
-    })
+    eventually(
+        "the killed replica to be reaped",
+        Patience::LONG,
+        || async { (!proc_exists(killed)).then_some(()) },
+    )
     .await;
     let mut seen = HashSet::new();
     for _ in 0..20 {
@@ -884,9 +826,11 @@ async fn local_replicas_are_supervised_and_stopped() {
         .await
         .expect("shutdown ends");
     for pid in [survivor, replacement] {
-        eventually(&format!("replica {pid} to be gone"), || async {
-            (!proc_exists(pid)).then_some(())
-        })
+        eventually(
+            &format!("replica {pid} to be gone"),
+            Patience::LONG,
+            || async { (!proc_exists(pid)).then_some(()) },
+        )
         .await;
     }
 }
@@ -905,7 +849,7 @@ async fn replica_that_never_answers_its_probe_gets_no_traffic() {
     ))
     .await;
     let dir = router.path("");
-    let (port, pid) = eventually("the replica to listen", || async {
+    let (port, pid) = eventually("the replica to listen", Patience::LONG, || async {
         std::fs::read_dir(&dir).unwrap().find_map(|e| {
             let e = e.unwrap();
             let port: u16 = e
@@ -933,18 +877,15 @@ async fn replica_that_never_answers_its_probe_gets_no_traffic() {
     }
     assert!(proc_exists(pid), "the replica is still running");
     let metrics = router.metrics().await;
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("scorefront_replicas{")
-                && l.contains(r#"state="ready""#)
-                && l.ends_with(" 0")),
+    assert_eq!(
+        metric(&metrics, "scorefront_replicas", &[("state", "ready")]),
+        Some(0.0),
         "{metrics}"
     );
     tokio::time::timeout(Duration::from_secs(15), router.shutdown())
         .await
         .expect("shutdown ends");
-    eventually("the replica to be stopped", || async {
+    eventually("the replica to be stopped", Patience::LONG, || async {
         (!proc_exists(pid)).then_some(())
     })
     .await;
@@ -952,14 +893,6 @@ async fn replica_that_never_answers_its_probe_gets_no_traffic() {
 
 // ---------------------------------------------------------------------------------------
 // the real binary
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// `scorefront serve` on free ports with two sample model replicas.
 struct Served {
@@ -972,8 +905,7 @@ struct Served {
 impl Served {
     async fn start() -> Served {
         let dir = tempfile::tempdir().unwrap();
-        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let (http, admin) = (unused_addr(), unused_addr());
         std::fs::write(
             dir.path().join("scorefront.yaml"),
             format!(
@@ -1014,7 +946,7 @@ impl Served {
     /// Waits for /readyz, then for both replicas to answer; returns their pids.
     async fn ready_pids(&self) -> HashSet<i32> {
         let readyz = format!("http://{}/readyz", self.admin);
-        eventually("/readyz to answer 200", || async {
+        eventually("/readyz to answer 200", Patience::LONG, || async {
             matches!(try_get(&readyz).await, Some((StatusCode::OK, _))).then_some(())
         })
         .await;
@@ -1067,9 +999,11 @@ async fn binary_killed_outright_leaves_no_orphans() {
     );
     for pid in pids {
         // Orphans are adopted and reaped by someone else; dead (even unreaped) is enough.
-        eventually(&format!("replica {pid} to die with scorefront"), || async {
-            proc_dead(pid).then_some(())
-        })
+        eventually(
+            &format!("replica {pid} to die with scorefront"),
+            Patience::LONG,
+            || async { proc_dead(pid).then_some(()) },
+        )
         .await;
     }
 }

@@ -1,5 +1,5 @@
 //! Test support: fake models on real sockets, a router started on port 0 from real files,
-//! and a small HTTP client.
+//! endpoint documents, a small HTTP client, bounded polling and a Prometheus text reader.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
 use std::{
@@ -23,7 +23,7 @@ use hyper_util::{
     server::conn::auto,
 };
 use scorefront::app::{self, App, Listeners};
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, time::Instant};
 
 pub const KEY: &str = "primary-key-for-tests-0001";
 pub const KEY2: &str = "secondary-key-for-tests-0002";
@@ -161,7 +161,10 @@ async fn answer(
         resp = resp.header("connection", "close");
     }
     if let Some(n) = header("x-stream").and_then(|v| v.parse::<usize>().ok()) {
-        return Ok(resp.body(BoxBody::new(chunks(n))).unwrap());
+        let chunks = (0..n).map(|i| Bytes::from(format!("chunk-{i}\n")));
+        return Ok(resp
+            .body(chunked(chunks, Duration::from_millis(20)))
+            .unwrap());
     }
     let body = serde_json::json!({"model": name, "path": target, "body": received}).to_string();
     Ok(resp
@@ -170,10 +173,11 @@ async fn answer(
         .unwrap())
 }
 
-/// A body of `n` chunks, 20 ms apart.
-struct Chunks(tokio::sync::mpsc::Receiver<Bytes>);
+/// A body fed from a channel: it has no Content-Length, so HTTP/1.1 sends it chunked; it
+/// ends when the sender is dropped.
+pub struct ChannelBody(pub tokio::sync::mpsc::Receiver<Bytes>);
 
-impl hyper::body::Body for Chunks {
+impl hyper::body::Body for ChannelBody {
     type Data = Bytes;
     type Error = Infallible;
     fn poll_frame(
@@ -184,17 +188,26 @@ impl hyper::body::Body for Chunks {
     }
 }
 
-fn chunks(n: usize) -> Chunks {
+/// A chunked body of `chunks`, sent one after the other with `gap` after each
+/// (`Duration::ZERO`: back to back). Stops early if the receiver goes away.
+pub fn chunked<I>(chunks: I, gap: Duration) -> TestBody
+where
+    I: IntoIterator<Item = Bytes>,
+    I::IntoIter: Send + 'static,
+{
+    let chunks = chunks.into_iter();
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tokio::spawn(async move {
-        for i in 0..n {
-            if tx.send(Bytes::from(format!("chunk-{i}\n"))).await.is_err() {
+        for c in chunks {
+            if tx.send(c).await.is_err() {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            if !gap.is_zero() {
+                tokio::time::sleep(gap).await;
+            }
         }
     });
-    Chunks(rx)
+    BoxBody::new(ChannelBody(rx))
 }
 
 /// A router started in this process from real files in a temporary folder, listening on
@@ -213,12 +226,46 @@ pub fn router_config(extra: &str) -> String {
     )
 }
 
-/// One endpoint document. `versions` is the YAML flow list of versions.
+/// One endpoint document with the test keys [`KEY`] and [`KEY2`]. `versions` is the YAML
+/// flow list of versions (see [`version`]).
 pub fn endpoint(name: &str, versions: &str) -> String {
+    endpoint_with_keys(name, KEY, KEY2, versions)
+}
+
+/// One endpoint document with the given primary and secondary keys.
+pub fn endpoint_with_keys(name: &str, primary: &str, secondary: &str, versions: &str) -> String {
     format!(
         "apiVersion: scorefront.io/v1\nkind: ScoringEndpoint\nmetadata: {{name: {name}}}\n\
-         spec:\n  keys: {{primaryKey: {KEY}, secondaryKey: {KEY2}}}\n  versions: {versions}\n"
+         spec:\n  keys: {{primaryKey: {primary}, secondaryKey: {secondary}}}\n  versions: {versions}\n"
     )
+}
+
+/// One version as a YAML flow mapping, `{name: NAME, replicas: ['A', ...], SETTINGS}`:
+/// `settings` holds any further fields (`"maxRequestWaitTimeMs: 100"`), or is empty.
+pub fn version(name: &str, replicas: &[SocketAddr], settings: &str) -> String {
+    let list = replicas
+        .iter()
+        .map(|a| format!("'{a}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if settings.is_empty() {
+        format!("{{name: {name}, replicas: [{list}]}}")
+    } else {
+        format!("{{name: {name}, replicas: [{list}], {settings}}}")
+    }
+}
+
+/// An endpoint `name` with a single version `blue` on `replicas`, with extra version
+/// `settings` (see [`version`]).
+pub fn one_version(name: &str, replicas: &[SocketAddr], settings: &str) -> String {
+    endpoint(name, &format!("[{}]", version("blue", replicas, settings)))
+}
+
+/// A loopback address nothing listens on: a port the system just handed out and that was
+/// released at once. Connecting to it is refused; binding it again works.
+pub fn unused_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
 }
 
 impl Router {
@@ -303,6 +350,21 @@ pub fn body(bytes: impl Into<Bytes>) -> TestBody {
     BoxBody::new(Full::new(bytes.into()))
 }
 
+/// A scoring `POST` to `url` with `Authorization: Bearer {key}`, extra `headers` and
+/// `payload` as the body.
+pub fn scoring_post(
+    url: &str,
+    key: &str,
+    headers: &[(&str, &str)],
+    payload: impl Into<Bytes>,
+) -> Request<TestBody> {
+    let mut req = Request::post(url).header("authorization", format!("Bearer {key}"));
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    req.body(body(payload)).unwrap()
+}
+
 /// A scoring request with the test key.
 pub fn scoring(method: &str, url: &str) -> http::request::Builder {
     Request::builder()
@@ -319,18 +381,174 @@ pub async fn send(req: Request<TestBody>) -> (http::response::Parts, Bytes) {
     (parts, bytes)
 }
 
+/// Sends `req`, asserts a 200 and returns the response.
+pub async fn send_ok(req: Request<TestBody>) -> (http::response::Parts, Bytes) {
+    let (parts, body) = send(req).await;
+    assert_eq!(parts.status, 200, "{body:?}");
+    (parts, body)
+}
+
 pub async fn get(url: &str) -> (http::response::Parts, Bytes) {
     send(Request::get(url).body(body("")).unwrap()).await
 }
 
+/// A JSON body, parsed; panics with the body when it is not JSON.
+#[track_caller]
+pub fn json(body: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body:?}"))
+}
+
 /// The `error.code` of a router-generated JSON body.
+#[track_caller]
 pub fn error_code(body: &[u8]) -> String {
-    let v: serde_json::Value = serde_json::from_slice(body).expect("JSON error body");
-    v["error"]["code"].as_str().expect("error.code").to_string()
+    json(body)["error"]["code"]
+        .as_str()
+        .expect("error.code")
+        .to_string()
 }
 
 /// The model name of a fake model's JSON answer.
+#[track_caller]
 pub fn model_of(body: &[u8]) -> String {
-    let v: serde_json::Value = serde_json::from_slice(body).expect("JSON model answer");
-    v["model"].as_str().unwrap().to_string()
+    json(body)["model"].as_str().expect("model").to_string()
+}
+
+/// The request body byte count a fake model's JSON answer reports.
+#[track_caller]
+pub fn body_len_of(body: &[u8]) -> u64 {
+    json(body)["body"].as_u64().expect("body count")
+}
+
+// ---------------------------------------------------------------------------------------
+// Metrics
+
+/// The value of the first series `name{...}` in the Prometheus text `text` whose labels
+/// include every one of `labels` (in any order). All series of a metric have the same
+/// label names, so giving them all picks exactly one series.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (n, rest) = match series.split_once('{') {
+                Some((n, r)) => (n, r.strip_suffix('}')?),
+                None => (series, ""),
+            };
+            if n != name {
+                return None;
+            }
+            let pairs: Vec<(&str, &str)> = rest
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(|kv| {
+                    let (k, v) = kv.split_once('=').expect("label=value");
+                    (k, v.trim_matches('"'))
+                })
+                .collect();
+            labels
+                .iter()
+                .all(|want| pairs.contains(want))
+                .then(|| value.parse().expect("numeric sample"))
+        })
+}
+
+/// Scrapes the router's /metrics until [`metric`] finds `want` for `name{labels}`. Metrics
+/// are written when a response body is dropped, which may be just after the client has
+/// read it.
+pub async fn metric_eventually(
+    router: &Router,
+    patience: Patience,
+    name: &str,
+    labels: &[(&str, &str)],
+    want: f64,
+) {
+    let deadline = Instant::now() + patience.within;
+    loop {
+        let text = router.metrics().await;
+        let got = metric(&text, name, labels);
+        if got == Some(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {:?}: {name}{labels:?} is {got:?}, want {want}\n{text}",
+            patience.within
+        );
+        tokio::time::sleep(patience.every).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Polling
+
+/// How long a polled condition may take before the test fails, and how often it is
+/// looked at.
+#[derive(Clone, Copy, Debug)]
+pub struct Patience {
+    pub within: Duration,
+    pub every: Duration,
+}
+
+impl Patience {
+    /// For state inside this process (a slot taken, a gauge updated): 3 s, every 5 ms.
+    pub const SHORT: Patience = Patience {
+        within: Duration::from_secs(3),
+        every: Duration::from_millis(5),
+    };
+    /// For reloads, child processes and the real binary: 10 s, every 25 ms.
+    pub const LONG: Patience = Patience {
+        within: Duration::from_secs(10),
+        every: Duration::from_millis(25),
+    };
+}
+
+/// A bound on a hand-written polling loop: [`Deadline::tick`] fails the test once the
+/// patience has run out, and otherwise waits before the next look.
+pub struct Deadline {
+    what: String,
+    at: Instant,
+    patience: Patience,
+}
+
+impl Deadline {
+    pub fn new(what: impl Into<String>, patience: Patience) -> Deadline {
+        Deadline {
+            what: what.into(),
+            at: Instant::now() + patience.within,
+            patience,
+        }
+    }
+
+    pub async fn tick(&self) {
+        assert!(
+            Instant::now() < self.at,
+            "timed out after {:?} waiting for {}",
+            self.patience.within,
+            self.what
+        );
+        tokio::time::sleep(self.patience.every).await;
+    }
+}
+
+/// Polls the async `check` until it returns `Some`, and returns that value.
+pub async fn eventually<T, F, Fut>(what: &str, patience: Patience, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Deadline::new(what, patience);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        deadline.tick().await;
+    }
+}
+
+/// Polls the plain condition `cond` until it holds.
+pub async fn until(what: &str, patience: Patience, mut cond: impl FnMut() -> bool) {
+    let deadline = Deadline::new(what, patience);
+    while !cond() {
+        deadline.tick().await;
+    }
 }
