@@ -184,7 +184,8 @@ impl Drop for Record {
                 v.metrics.upstream_duration.observe(u.as_secs_f64());
             }
         }
-        let ms = |d: Option<Duration>| d.map_or(-1.0, |d| d.as_secs_f64() * 1e3);
+        // Whole microseconds; -1 for a phase the request never reached.
+        let us = |d: Option<Duration>| d.map_or(-1, |d| d.as_micros() as i64);
         tracing::info!(
             target: "scorefront::access",
             request_id = self.ids.as_ref().and_then(|i| i.request_id.to_str().ok()).unwrap_or(""),
@@ -194,9 +195,9 @@ impl Drop for Record {
             version,
             status = self.status.as_u16(),
             code = self.code.unwrap_or(""),
-            duration_ms = elapsed.as_secs_f64() * 1e3,
-            queue_ms = ms(self.queue_wait),
-            upstream_ms = ms(self.upstream),
+            duration_us = elapsed.as_micros() as u64,
+            queue_us = us(self.queue_wait),
+            upstream_us = us(self.upstream),
             outcome = self.outcome,
         );
     }
