@@ -1099,3 +1099,47 @@ async fn check_config_summarises_or_lists_every_error() {
     assert!(err.contains(&config.display().to_string()), "{err}");
     assert!(err.contains("maxRequestBodyByte"), "{err}");
 }
+
+#[tokio::test]
+async fn keys_prints_a_fresh_pair_that_an_endpoint_accepts() {
+    let run = || async {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_scorefront"))
+            .arg("keys")
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let (first, second) = (run().await, run().await);
+    assert_ne!(first, second, "every run makes new keys");
+    let key_of = |text: &str, field: &str| -> String {
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with(field))
+            .unwrap_or_else(|| panic!("no {field} in {text}"));
+        line.split(':').nth(1).unwrap().trim().to_string()
+    };
+    let (primary, secondary) = (key_of(&first, "primaryKey"), key_of(&first, "secondaryKey"));
+    assert_ne!(primary, secondary);
+    for key in [&primary, &secondary] {
+        assert_eq!(key.len(), 32, "{key}");
+        assert!(key.bytes().all(|b| b.is_ascii_alphanumeric()), "{key}");
+    }
+
+    // The printed block drops into a spec as it is.
+    let spec = format!(
+        "apiVersion: scorefront.io/v1\nkind: ScoringEndpoint\nmetadata: {{name: fresh}}\n\
+         spec:\n{}  versions: [{{name: a, replicas: ['127.0.0.1:5001']}}]\n",
+        first
+            .lines()
+            .map(|l| format!("  {l}\n"))
+            .collect::<String>()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("scorefront.yaml");
+    std::fs::write(&config, router_config("")).unwrap();
+    std::fs::write(dir.path().join("endpoints.yaml"), spec).unwrap();
+    let (code, out, err) = check_config(&config).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+}
