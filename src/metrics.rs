@@ -35,12 +35,37 @@ pub struct Metrics {
     scrape: Mutex<()>,
 }
 
-/// Histogram handles of one version, resolved once when the routing table is built.
+/// Statuses whose request counters each version resolves up front, so counting the usual
+/// outcomes takes no lookup in the counter family (and no lock).
+const COMMON_STATUSES: [u16; 12] = [200, 201, 204, 400, 404, 413, 422, 429, 500, 502, 503, 504];
+
+/// Metric handles of one version, resolved once when the routing table is built.
 #[derive(Clone)]
 pub struct VersionMetrics {
     pub request_duration: Histogram,
     pub queue_wait: Histogram,
     pub upstream_duration: Histogram,
+    requests: [IntCounter; COMMON_STATUSES.len()],
+    /// The family and labels, for statuses outside [`COMMON_STATUSES`].
+    family: IntCounterVec,
+    endpoint: String,
+    version: String,
+}
+
+impl VersionMetrics {
+    pub fn count_request(&self, status: http::StatusCode) {
+        match COMMON_STATUSES.iter().position(|s| *s == status.as_u16()) {
+            Some(i) => self.requests[i].inc(),
+            None => self
+                .family
+                .with_label_values(&[
+                    self.endpoint.as_str(),
+                    self.version.as_str(),
+                    status.as_str(),
+                ])
+                .inc(),
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -127,6 +152,13 @@ impl Metrics {
             request_duration: self.request_duration.with_label_values(l),
             queue_wait: self.queue_wait.with_label_values(l),
             upstream_duration: self.upstream_duration.with_label_values(l),
+            requests: COMMON_STATUSES.map(|s| {
+                self.requests
+                    .with_label_values(&[endpoint, version, &s.to_string()])
+            }),
+            family: self.requests.clone(),
+            endpoint: endpoint.to_owned(),
+            version: version.to_owned(),
         }
     }
 
@@ -134,10 +166,9 @@ impl Metrics {
         self.auth_failures.with_label_values(&[endpoint])
     }
 
-    pub fn count_request(&self, endpoint: &str, version: &str, code: &str) {
-        self.requests
-            .with_label_values(&[endpoint, version, code])
-            .inc();
+    /// Counts a request that ended before a version was chosen.
+    pub fn count_unrouted(&self, endpoint: &str, code: &str) {
+        self.requests.with_label_values(&[endpoint, "", code]).inc();
     }
 
     /// Renders every metric in the Prometheus text format, with gauges read from `table`.
@@ -170,5 +201,28 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut out)
             .expect("text encoding to a Vec cannot fail");
         String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn common_and_rare_statuses_land_in_the_same_family() {
+        let m = Metrics::new();
+        let v = m.version("fraud", "blue");
+        v.count_request(http::StatusCode::OK);
+        v.count_request(http::StatusCode::IM_A_TEAPOT);
+        v.count_request(http::StatusCode::IM_A_TEAPOT);
+        m.count_unrouted("", "404");
+        let text = m.render(&RoutingTable::default());
+        for line in [
+            r#"scorefront_requests_total{code="200",endpoint="fraud",version="blue"} 1"#,
+            r#"scorefront_requests_total{code="418",endpoint="fraud",version="blue"} 2"#,
+            r#"scorefront_requests_total{code="404",endpoint="",version=""} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
+        }
     }
 }

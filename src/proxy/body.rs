@@ -173,8 +173,10 @@ impl Drop for Record {
         let elapsed = self.start.elapsed();
         let endpoint = self.endpoint.as_ref().map_or("", |e| e.name.as_str());
         let version = self.version.as_ref().map_or("", |v| v.name());
-        self.metrics
-            .count_request(endpoint, version, self.status.as_str());
+        match &self.version {
+            Some(v) => v.metrics.count_request(self.status),
+            None => self.metrics.count_unrouted(endpoint, self.status.as_str()),
+        }
         if let Some(v) = &self.version {
             v.metrics.request_duration.observe(elapsed.as_secs_f64());
             if let Some(w) = self.queue_wait {
