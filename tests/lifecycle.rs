@@ -903,7 +903,8 @@ struct Served {
 }
 
 impl Served {
-    async fn start() -> Served {
+    /// `extra` goes after `serve --config FILE`.
+    async fn start(extra: &[&str]) -> Served {
         let dir = tempfile::tempdir().unwrap();
         let (http, admin) = (unused_addr(), unused_addr());
         std::fs::write(
@@ -924,6 +925,7 @@ impl Served {
             .arg("serve")
             .arg("--config")
             .arg(dir.path().join("scorefront.yaml"))
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -970,7 +972,7 @@ impl Served {
 
 #[tokio::test]
 async fn binary_stops_cleanly_on_sigterm() {
-    let mut served = Served::start().await;
+    let mut served = Served::start(&[]).await;
     let pids = served.ready_pids().await;
     assert_eq!(pids.len(), 2);
     served.signal(libc::SIGTERM);
@@ -987,8 +989,36 @@ async fn binary_stops_cleanly_on_sigterm() {
 }
 
 #[tokio::test]
+async fn json_logs_are_one_object_per_line_with_an_access_line_per_request() {
+    let mut served = Served::start(&["--log-format", "json"]).await;
+    served.ready_pids().await;
+    served.signal(libc::SIGTERM);
+    let status = served.exit_status().await;
+    assert_eq!(status.code(), Some(0), "log:\n{}", served.log());
+    let log = served.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let access: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["target"] == "scorefront::access")
+        .collect();
+    assert!(!access.is_empty(), "{log}");
+    for a in &access {
+        assert_eq!(a["endpoint"], "fraud", "{a}");
+        assert_eq!(a["status"], 200, "{a}");
+        assert_eq!(a["request_id"].as_str().map(str::len), Some(36), "{a}");
+        assert!(a["duration_us"].as_u64().is_some(), "{a}");
+        assert!(a["upstream_us"].as_i64().is_some_and(|u| u >= 0), "{a}");
+    }
+    // Shutdown flushed the writer thread: the last lines made it out.
+    assert!(log.contains("stopped"), "{log}");
+}
+
+#[tokio::test]
 async fn binary_killed_outright_leaves_no_orphans() {
-    let mut served = Served::start().await;
+    let mut served = Served::start(&[]).await;
     let pids = served.ready_pids().await;
     assert_eq!(pids.len(), 2);
     served.signal(libc::SIGKILL);
