@@ -55,7 +55,11 @@ pub async fn start(config_path: &Path, listeners: Listeners) -> anyhow::Result<A
         .context("endpoints file has no folder")?
         .to_path_buf();
     let metrics = Arc::new(Metrics::new());
-    let proxy = Arc::new(Proxy::new(metrics, config.max_request_body_bytes));
+    let proxy = Arc::new(Proxy::new(
+        metrics,
+        config.max_request_body_bytes,
+        config.upstream,
+    ));
     let ready = Arc::new(Readiness::default());
     let (drain, drain_rx) = watch::channel(false);
     let (stop, stop_rx) = watch::channel(false);

@@ -9,6 +9,9 @@
 //! maxRequestBodyBytes: 104857600
 //! shutdownGracePeriodSeconds: 30
 //! reloadIntervalMs: 1000
+//! upstream:
+//!   connectTimeoutMs: 3000    # then the request is retried on another replica, or 502
+//!   idleTimeoutMs: 1000       # pooled replica connections idle longer are not reused
 //! ```
 
 use std::{
@@ -37,6 +40,42 @@ pub struct RouterConfig {
     /// How often both files are checked for changes. Default 1000.
     #[serde(default = "default_reload_ms")]
     pub reload_interval_ms: u64,
+    #[serde(default)]
+    pub upstream: UpstreamConfig,
+}
+
+/// Connections to replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// A replica that has not accepted a connection within this long counts as
+    /// unreachable: the request, not yet sent, is retried on another replica. Default 3000.
+    #[serde(default = "default_connect_ms")]
+    pub connect_timeout_ms: u64,
+    /// Idle keep-alive connections to replicas are not reused after this long, so that a
+    /// request is never written into a connection the replica is closing (servers
+    /// commonly close idle connections after 2 to 5 s). Default 1000.
+    #[serde(default = "default_idle_ms")]
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            connect_timeout_ms: default_connect_ms(),
+            idle_timeout_ms: default_idle_ms(),
+        }
+    }
+}
+
+impl UpstreamConfig {
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -81,6 +120,12 @@ fn default_grace() -> u64 {
 fn default_reload_ms() -> u64 {
     1000
 }
+fn default_connect_ms() -> u64 {
+    3000
+}
+fn default_idle_ms() -> u64 {
+    1000
+}
 
 impl RouterConfig {
     /// Reads and checks the router config; the endpoints path comes back absolute.
@@ -93,8 +138,13 @@ impl RouterConfig {
     pub fn parse(text: &str, path: &Path) -> anyhow::Result<Self> {
         let mut cfg: RouterConfig = serde_yaml_ng::from_str(text)
             .with_context(|| format!("{}: invalid router config", path.display()))?;
-        if cfg.reload_interval_ms == 0 {
-            anyhow::bail!("{}: reloadIntervalMs must be at least 1", path.display());
+        for (field, value) in [
+            ("reloadIntervalMs", cfg.reload_interval_ms),
+            ("upstream.connectTimeoutMs", cfg.upstream.connect_timeout_ms),
+        ] {
+            if value == 0 {
+                anyhow::bail!("{}: {field} must be at least 1", path.display());
+            }
         }
         if cfg.endpoints.file.is_relative() {
             let base = path.parent().unwrap_or(Path::new("."));

@@ -6,6 +6,7 @@ mod support;
 
 use std::{
     net::SocketAddr,
+    os::fd::{FromRawFd, OwnedFd},
     sync::{Arc, Mutex, atomic::Ordering::SeqCst},
     time::Duration,
 };
@@ -550,5 +551,99 @@ async fn concurrent_requests_to_all_dead_replicas_are_502_without_waiting() {
         assert_eq!(error_code(&body), "ReplicaUnavailable");
     }
     wait_gauge(&router, IN_FLIGHT, 0.0).await;
+    router.shutdown().await;
+}
+
+/// A loopback address that never completes a TCP handshake: a listener with a backlog of
+/// 0 whose one queue place is taken, so the kernel drops further SYNs. Keep the returned
+/// sockets alive while it is in use.
+fn blackhole() -> (SocketAddr, std::net::TcpStream, OwnedFd) {
+    // SAFETY: plain socket calls on a fresh descriptor owned by the returned OwnedFd.
+    let fd = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0);
+        let owned = OwnedFd::from_raw_fd(fd);
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
+            },
+            sin_zero: [0; 8],
+        };
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        assert_eq!(libc::bind(fd, (&raw const addr).cast(), len), 0);
+        assert_eq!(libc::listen(fd, 0), 0);
+        owned
+    };
+    let listener = std::net::TcpListener::from(fd.try_clone().unwrap());
+    let addr = listener.local_addr().unwrap();
+    std::mem::forget(listener); // `fd` owns the descriptor
+    let filler = std::net::TcpStream::connect(addr).unwrap();
+    (addr, filler, fd)
+}
+
+#[tokio::test]
+async fn a_replica_that_never_accepts_is_given_up_after_the_connect_timeout() {
+    let live = Model::start("live").await;
+    let (hole, _filler, _listener) = blackhole();
+    let probe = tokio::time::timeout(
+        Duration::from_millis(300),
+        tokio::net::TcpStream::connect(hole),
+    )
+    .await;
+    assert!(probe.is_err(), "the blackhole must not accept: {probe:?}");
+
+    let config = router_config("upstream: {connectTimeoutMs: 100}\n");
+    let endpoints = format!(
+        "{}---\n{}",
+        one_version(
+            "cap",
+            &[hole, live.addr],
+            "maxConcurrentRequestsPerContainer: 4"
+        ),
+        one_version("dead", &[hole], "scoringTimeoutMs: 30000")
+    );
+    let router = Router::start_with(&config, &endpoints).await;
+    for _ in 0..10 {
+        assert_eq!(ok(req(&router, &[])).await, "live");
+    }
+    let started = Instant::now();
+    let (parts, body) = send(scoring_post(
+        &router.url("/api/v1/service/dead/score"),
+        KEY,
+        &[],
+        "{}",
+    ))
+    .await;
+    assert_eq!(parts.status, 502, "{body:?}");
+    assert_eq!(error_code(&body), "ReplicaUnavailable");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "gave up at the connect timeout, not the 30 s scoring timeout"
+    );
+    router.shutdown().await;
+}
+
+#[tokio::test]
+async fn idle_replica_connections_are_not_reused_after_the_idle_timeout() {
+    let model = Model::start("m").await;
+    let config = router_config("upstream: {idleTimeoutMs: 100}\n");
+    let router = Router::start_with(&config, &one_version("cap", &[model.addr], "")).await;
+    ok(req(&router, &[])).await;
+    ok(req(&router, &[])).await;
+    assert_eq!(
+        model.state.connections.load(SeqCst),
+        1,
+        "reused while fresh"
+    );
+    // Idle for longer than the timeout (a real wait: the timeout is about real sockets).
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    ok(req(&router, &[])).await;
+    assert_eq!(
+        model.state.connections.load(SeqCst),
+        2,
+        "a stale connection is not reused"
+    );
     router.shutdown().await;
 }

@@ -123,15 +123,18 @@ impl Watcher {
                 if cfg.reload_interval_ms != self.config.reload_interval_ms
                     || cfg.shutdown_grace_period_seconds
                         != self.config.shutdown_grace_period_seconds
+                    || cfg.upstream != self.config.upstream
                 {
                     tracing::warn!(
-                        "reloadIntervalMs and shutdownGracePeriodSeconds take effect after a restart"
+                        "reloadIntervalMs, shutdownGracePeriodSeconds and upstream take effect \
+                         after a restart"
                     );
                 }
                 self.config = RouterConfig {
                     listen: self.config.listen.clone(),
                     reload_interval_ms: self.config.reload_interval_ms,
                     shutdown_grace_period_seconds: self.config.shutdown_grace_period_seconds,
+                    upstream: self.config.upstream,
                     ..cfg
                 };
             }

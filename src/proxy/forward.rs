@@ -5,9 +5,14 @@
 //! closed before hyper dispatched it) comes back whole as [`SendError::NotSent`], body
 //! untouched, so the caller may retry it; anything else is [`SendError::Failed`] and is not
 //! retried. Connections go back to the pool only after their response body has ended (see
-//! [`super::body`]) and only when the replica did not ask to close them.
+//! [`super::body`]) and only when the replica did not ask to close them; one idle longer
+//! than `idleTimeoutMs` is dropped instead of reused, since the replica may be closing it.
 
 use std::{io, net::SocketAddr};
+
+use tokio::time::Instant;
+
+use crate::config::UpstreamConfig;
 
 use crossbeam_queue::SegQueue;
 use http::{Request, Response};
@@ -24,13 +29,15 @@ pub type Conn = http1::SendRequest<RequestBody>;
 /// since a connection only returns here after carrying a request.
 #[derive(Debug, Default)]
 pub struct ConnPool {
-    idle: SegQueue<Conn>,
+    /// Each with the time it went idle.
+    idle: SegQueue<(Conn, Instant)>,
 }
 
 impl ConnPool {
-    fn take(&self) -> Option<Conn> {
-        while let Some(conn) = self.idle.pop() {
-            if !conn.is_closed() {
+    /// An open connection that has not been idle for `max_idle`; older ones are closed.
+    fn take(&self, max_idle: std::time::Duration) -> Option<Conn> {
+        while let Some((conn, since)) = self.idle.pop() {
+            if !conn.is_closed() && since.elapsed() < max_idle {
                 return Some(conn);
             }
         }
@@ -39,7 +46,7 @@ impl ConnPool {
 
     pub(crate) fn put(&self, conn: Conn) {
         if !conn.is_closed() {
-            self.idle.push(conn);
+            self.idle.push((conn, Instant::now()));
         }
     }
 }
@@ -52,8 +59,15 @@ pub enum SendError {
     Failed(hyper::Error),
 }
 
-async fn connect(addr: SocketAddr) -> io::Result<Conn> {
-    let stream = TcpStream::connect(addr).await?;
+async fn connect(addr: SocketAddr, timeout: std::time::Duration) -> io::Result<Conn> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {timeout:?}"),
+            )
+        })??;
     stream.set_nodelay(true)?;
     let (conn, driver) = http1::Builder::new()
         .handshake(TokioIo::new(stream))
@@ -73,8 +87,9 @@ pub async fn send(
     pool: &ConnPool,
     addr: SocketAddr,
     mut req: Request<RequestBody>,
+    settings: &UpstreamConfig,
 ) -> Result<(Response<Incoming>, Conn), SendError> {
-    while let Some(mut conn) = pool.take() {
+    while let Some(mut conn) = pool.take(settings.idle_timeout()) {
         match conn.try_send_request(req).await {
             Ok(resp) => return Ok((resp, conn)),
             // The replica closed an idle connection under us: try the next one.
@@ -84,7 +99,7 @@ pub async fn send(
             },
         }
     }
-    let mut conn = match connect(addr).await {
+    let mut conn = match connect(addr, settings.connect_timeout()).await {
         Ok(conn) => conn,
         Err(e) => {
             return Err(SendError::NotSent(

@@ -37,6 +37,7 @@ use self::{
     table::{RoutingTable, VersionRoute},
 };
 use crate::{
+    config::UpstreamConfig,
     error::{ClientError, ProxyError, UpstreamError},
     metrics::Metrics,
 };
@@ -49,6 +50,7 @@ pub struct Proxy {
     table: ArcSwap<RoutingTable>,
     metrics: Arc<Metrics>,
     max_body: AtomicU64,
+    upstream: UpstreamConfig,
 }
 
 /// Who is on the other end of a client connection.
@@ -60,11 +62,12 @@ pub struct ClientInfo {
 }
 
 impl Proxy {
-    pub fn new(metrics: Arc<Metrics>, max_body: u64) -> Self {
+    pub fn new(metrics: Arc<Metrics>, max_body: u64, upstream: UpstreamConfig) -> Self {
         Proxy {
             table: ArcSwap::from_pointee(RoutingTable::default()),
             metrics,
             max_body: AtomicU64::new(max_body),
+            upstream,
         }
     }
 
@@ -158,7 +161,7 @@ impl Proxy {
         parts.uri = rest;
         parts.version = http::Version::HTTP_11;
         let upstream_req = Request::from_parts(parts, Limited::new(body, limit as usize));
-        forward(&version, slot, upstream_req, limit).await
+        forward(&version, slot, upstream_req, limit, &self.upstream).await
     }
 }
 
@@ -169,6 +172,7 @@ async fn forward(
     mut slot: Slot,
     req: Request<RequestBody>,
     limit: u64,
+    settings: &UpstreamConfig,
 ) -> Result<(Response<Incoming>, Upstream), ProxyError> {
     let timeout = version.spec.scoring_timeout;
     let mut deadline = Box::pin(tokio::time::sleep(timeout));
@@ -186,7 +190,7 @@ async fn forward(
     loop {
         let replica = slot.replica().clone();
         let sent = tokio::select! {
-            sent = forward::send(&replica.conns, replica.addr, req) => sent,
+            sent = forward::send(&replica.conns, replica.addr, req, settings) => sent,
             () = &mut deadline => return Err(timed_out().into()),
         };
         match sent {
