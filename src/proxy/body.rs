@@ -33,7 +33,8 @@ pub struct ProxyBody {
     upstream: Option<Upstream>,
     /// Set when the last frame has been handed out.
     ended: bool,
-    record: Option<Record>,
+    /// Dropped after the slot is released (see `Drop`), so it logs the final outcome.
+    record: Record,
 }
 
 enum Inner {
@@ -51,7 +52,7 @@ pub struct Upstream {
 }
 
 impl ProxyBody {
-    pub fn full(bytes: Bytes, record: Option<Record>) -> Self {
+    pub fn full(bytes: Bytes, record: Record) -> Self {
         ProxyBody {
             inner: Inner::Full(Some(bytes)),
             upstream: None,
@@ -65,7 +66,7 @@ impl ProxyBody {
             inner: Inner::Stream(body),
             upstream: Some(upstream),
             ended: false,
-            record: Some(record),
+            record,
         }
     }
 
@@ -73,9 +74,7 @@ impl ProxyBody {
         if let Some(up) = self.upstream.as_mut() {
             up.conn = None;
         }
-        if let Some(r) = self.record.as_mut() {
-            r.outcome = outcome;
-        }
+        self.record.outcome = outcome;
     }
 }
 
@@ -133,19 +132,14 @@ impl Drop for ProxyBody {
     fn drop(&mut self) {
         let complete = self.ended || self.is_end_stream();
         if let Some(up) = self.upstream.take() {
-            if let Some(r) = self.record.as_mut() {
-                r.upstream = Some(up.sent_at.elapsed());
-            }
+            self.record.upstream = Some(up.sent_at.elapsed());
             if complete && let Some(conn) = up.conn {
                 up.slot.replica().conns.put(conn);
             }
             // `up.slot` drops here: the replica's capacity is free again.
         }
-        if let Some(r) = self.record.as_mut()
-            && !complete
-            && r.outcome.is_empty()
-        {
-            r.outcome = "client went away before the response body ended";
+        if !complete && self.record.outcome.is_empty() {
+            self.record.outcome = "client went away before the response body ended";
         }
     }
 }

@@ -295,17 +295,17 @@ fn error_response(err: ProxyError, mut record: Record) -> Response<ProxyBody> {
             "{err}"
         );
     }
-    let mut resp = Response::new(ProxyBody::full(Bytes::new(), None));
-    *resp.status_mut() = err.status();
-    let h = resp.headers_mut();
-    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let mut headers = http::HeaderMap::new();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     if let Some((name, value)) = err.extra_header() {
-        h.insert(name, value);
+        headers.insert(name, value);
     }
-    finish_headers(h, &record);
+    finish_headers(&mut headers, &record);
     record.status = err.status();
     record.code = Some(err.code());
-    *resp.body_mut() = ProxyBody::full(err.body(), Some(record));
+    let mut resp = Response::new(ProxyBody::full(err.body(), record));
+    *resp.status_mut() = err.status();
+    *resp.headers_mut() = headers;
     resp
 }
 
