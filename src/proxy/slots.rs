@@ -98,10 +98,6 @@ impl VersionSlots {
         })
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// Changes the limits (a reload); waiters get any room this creates.
     pub fn set_limits(self: &Arc<Self>, slots_per_replica: u32, max_pending: Option<usize>) {
         self.slots_per_replica.store(slots_per_replica, SeqCst);
@@ -353,10 +349,6 @@ pub struct Slot {
 impl Slot {
     pub fn replica(&self) -> &Arc<Replica> {
         self.replica.as_ref().expect("slot already released")
-    }
-
-    pub fn version(&self) -> &Arc<VersionSlots> {
-        &self.version
     }
 
     /// Releases the counts without offering the slot to anyone.
