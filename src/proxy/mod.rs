@@ -108,7 +108,7 @@ impl Proxy {
             Ok((resp, upstream)) => {
                 let (mut parts, body) = resp.into_parts();
                 headers::strip_hop_by_hop(&mut parts.headers);
-                finish_headers(&mut parts.headers, &record);
+                finish_headers(&mut parts.headers, &mut record);
                 record.status = parts.status;
                 Response::from_parts(parts, ProxyBody::upstream(body, upstream, record))
             }
@@ -148,7 +148,8 @@ impl Proxy {
         }
 
         let slot = version.slots.acquire(version.spec.max_wait).await?;
-        record.queue_wait = Some(record.start.elapsed());
+        let acquired = Instant::now();
+        record.queue_wait = Some(acquired - record.start);
 
         let (mut parts, body) = req.into_parts();
         headers::for_replica(
@@ -161,7 +162,15 @@ impl Proxy {
         parts.uri = rest;
         parts.version = http::Version::HTTP_11;
         let upstream_req = Request::from_parts(parts, Limited::new(body, limit as usize));
-        forward(&version, slot, upstream_req, limit, &self.upstream).await
+        forward(
+            &version,
+            slot,
+            upstream_req,
+            limit,
+            &self.upstream,
+            acquired,
+        )
+        .await
     }
 }
 
@@ -173,10 +182,10 @@ async fn forward(
     req: Request<RequestBody>,
     limit: u64,
     settings: &UpstreamConfig,
+    sent_at: Instant,
 ) -> Result<(Response<Incoming>, Upstream), ProxyError> {
     let timeout = version.spec.scoring_timeout;
     let mut deadline = Box::pin(tokio::time::sleep(timeout));
-    let sent_at = Instant::now();
     let timed_out = || UpstreamError::Timeout {
         version: version.spec.name.clone(),
         timeout_ms: timeout.as_millis() as u64,
@@ -278,12 +287,14 @@ pub fn split_path(uri: &Uri) -> Result<(&str, Uri), ClientError> {
     Ok((name, Uri::from(pq)))
 }
 
-fn finish_headers(headers: &mut http::HeaderMap, record: &Record) {
-    let ids = record.ids.clone().unwrap_or_else(|| RequestIds {
+/// Adds the id and version headers; a request refused before its ids were read gets a
+/// fresh id, kept in the record so the access log names the id the client saw.
+fn finish_headers(headers: &mut http::HeaderMap, record: &mut Record) {
+    let ids = record.ids.get_or_insert_with(|| RequestIds {
         request_id: headers::new_request_id(),
         client_request_id: None,
     });
-    headers::for_client(headers, &ids, record.version.as_ref().map(|v| &v.header));
+    headers::for_client(headers, ids, record.version.as_ref().map(|v| &v.header));
 }
 
 fn error_response(err: ProxyError, mut record: Record) -> Response<ProxyBody> {
@@ -300,7 +311,7 @@ fn error_response(err: ProxyError, mut record: Record) -> Response<ProxyBody> {
     if let Some((name, value)) = err.extra_header() {
         headers.insert(name, value);
     }
-    finish_headers(&mut headers, &record);
+    finish_headers(&mut headers, &mut record);
     record.status = err.status();
     record.code = Some(err.code());
     let mut resp = Response::new(ProxyBody::full(err.body(), record));
