@@ -35,7 +35,6 @@ pub enum Event {
 
 pub struct Index {
     proxy: Arc<Proxy>,
-    endpoints: Vec<spec::Endpoint>,
     slots: HashMap<(String, String), Arc<VersionSlots>>,
     /// Ready local replicas of each process set.
     ready: HashMap<ProcessKey, Vec<Arc<Replica>>>,
@@ -49,7 +48,6 @@ impl Index {
     pub fn new(proxy: Arc<Proxy>, workdir: PathBuf, events: mpsc::UnboundedSender<Event>) -> Self {
         Index {
             proxy,
-            endpoints: Vec::new(),
             slots: HashMap::new(),
             ready: HashMap::new(),
             supervisor: Supervisor::new(workdir, events),
@@ -122,7 +120,6 @@ impl Index {
         });
         tracing::info!(endpoints = table.len(), "routing table published");
         self.proxy.publish(table);
-        self.endpoints = endpoints;
         self.generation.send_modify(|g| *g += 1);
     }
 
