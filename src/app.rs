@@ -2,7 +2,7 @@
 //! shutdown drain in a fixed order: stop accepting and report not-ready, let in-flight
 //! requests finish within the grace period, stop local replicas, stop the rest.
 
-use std::{path::Path, sync::Arc};
+use std::{path::Path, sync::Arc, time::SystemTime};
 
 use anyhow::Context;
 use tokio::{
@@ -18,12 +18,19 @@ use crate::{
     },
     metrics::Metrics,
     proxy::Proxy,
-    server::{self, admin::Readiness},
+    server::{
+        self,
+        admin::Readiness,
+        tls::{CertStore, LoadedCert},
+    },
+    token,
 };
 
-/// Listeners bound by the caller.
+/// Listeners bound by the caller. At least one of `http` and `https` is needed; `https`
+/// needs `tls` in the router config.
 pub struct Listeners {
-    pub http: TcpListener,
+    pub http: Option<TcpListener>,
+    pub https: Option<TcpListener>,
     pub admin: TcpListener,
 }
 
@@ -37,7 +44,7 @@ pub struct App {
     drain: watch::Sender<bool>,
     /// Turns true to stop the index (and its replicas), the watcher and the admin port.
     stop: watch::Sender<bool>,
-    data: JoinHandle<()>,
+    data: Vec<JoinHandle<()>>,
     index: JoinHandle<()>,
     others: Vec<JoinHandle<()>>,
 }
@@ -54,15 +61,38 @@ pub async fn start(config_path: &Path, listeners: Listeners) -> anyhow::Result<A
         .parent()
         .context("endpoints file has no folder")?
         .to_path_buf();
+    if listeners.http.is_none() && listeners.https.is_none() {
+        anyhow::bail!("no data listener: bind http, https or both");
+    }
     let metrics = Arc::new(Metrics::new());
+    let tls = match (&listeners.https, &config.tls) {
+        (None, _) => None,
+        (Some(_), None) => anyhow::bail!("an https listener needs tls in the router config"),
+        (Some(_), Some(tls)) => {
+            let cert = LoadedCert::load(&tls.cert_file, &tls.key_file, SystemTime::now())
+                .map_err(|e| anyhow::anyhow!("TLS certificate: {e}"))?;
+            metrics.set_cert_expiry(cert.not_after);
+            let store = CertStore::new(cert);
+            Some((
+                store.clone(),
+                server::Tls {
+                    config: server::tls::server_config(store),
+                    handshake_timeout: tls.handshake_timeout(),
+                },
+            ))
+        }
+    };
+    let (drain, drain_rx) = watch::channel(false);
+    let (stop, stop_rx) = watch::channel(false);
+    let tokens = Arc::new(token::Verifier::from_config(&config.auth)?);
+    let mut others = tokens.spawn_refresh(&stop_rx).await;
     let proxy = Arc::new(Proxy::new(
         metrics,
         config.max_request_body_bytes,
         config.upstream,
+        tokens,
     ));
     let ready = Arc::new(Readiness::default());
-    let (drain, drain_rx) = watch::channel(false);
-    let (stop, stop_rx) = watch::channel(false);
     let (events, events_rx) = mpsc::unbounded_channel();
 
     let mut index = Index::new(proxy.clone(), workdir, events.clone());
@@ -76,29 +106,41 @@ pub async fn start(config_path: &Path, listeners: Listeners) -> anyhow::Result<A
         config,
         proxy: proxy.clone(),
         events,
+        certs: tls.as_ref().map(|(store, _)| store.clone()),
     };
+    let addr = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
     tracing::info!(
-        http = %listeners.http.local_addr()?,
+        http = ?addr(&listeners.http),
+        https = ?addr(&listeners.https),
         admin = %listeners.admin.local_addr()?,
         "scorefront serving"
     );
-    Ok(App {
-        data: tokio::spawn(server::serve_data(
-            listeners.http,
-            proxy.clone(),
-            drain_rx,
-            grace,
-        )),
-        index: tokio::spawn(index.run(events_rx, stop_rx.clone())),
-        others: vec![
-            tokio::spawn(server::admin::serve_admin(
-                listeners.admin,
+    let mut data = Vec::new();
+    let tls_settings = tls.map(|(_, settings)| settings);
+    for (listener, tls) in [(listeners.http, None), (listeners.https, tls_settings)] {
+        if let Some(listener) = listener {
+            data.push(tokio::spawn(server::serve_data(
+                listener,
+                tls,
                 proxy.clone(),
-                ready.clone(),
-                stop_rx.clone(),
-            )),
-            tokio::spawn(watcher.run(stop_rx)),
-        ],
+                drain_rx.clone(),
+                grace,
+            )));
+        }
+    }
+    others.extend([
+        tokio::spawn(server::admin::serve_admin(
+            listeners.admin,
+            proxy.clone(),
+            ready.clone(),
+            stop_rx.clone(),
+        )),
+        tokio::spawn(watcher.run(stop_rx.clone())),
+    ]);
+    Ok(App {
+        data,
+        index: tokio::spawn(index.run(events_rx, stop_rx)),
+        others,
         proxy,
         ready,
         generation,
@@ -113,7 +155,9 @@ impl App {
         tracing::info!("shutting down");
         self.ready.set(false);
         let _ = self.drain.send(true);
-        let _ = self.data.await;
+        for t in self.data {
+            let _ = t.await;
+        }
         let _ = self.stop.send(true);
         let _ = self.index.await;
         for t in self.others {

@@ -2,8 +2,29 @@
 //!
 //! ```yaml
 //! listen:
-//!   http: 127.0.0.1:8080      # data plane (HTTP/1.1 and h2c)
+//!   http: 127.0.0.1:8080      # data plane (HTTP/1.1 and h2c); default 0.0.0.0:8080 unless
+//!                             # only https is set
+//!   https: 127.0.0.1:8443     # data plane over TLS (HTTP/1.1 and h2 by ALPN); needs `tls`
 //!   admin: 127.0.0.1:9090     # /healthz /readyz /metrics
+//! tls:
+//!   certFile: server.crt      # PEM chain, leaf first; watched and reloaded
+//!   keyFile: server.key       # PEM: PKCS#8, SEC1 or PKCS#1
+//!   handshakeTimeoutMs: 10000
+//! auth:
+//!   leewaySeconds: 60         # clock skew allowed on exp and nbf
+//!   tokenIssuer:              # the built-in issuer (endpoints trust it as `scorefront`)
+//!     signingKeyFile: token-signing.pem   # ES256 or Ed25519, PKCS#8 PEM
+//!     ttlSeconds: 3600
+//!     issuer: scorefront      # the `iss` claim
+//!   oidc:                     # external issuers, by name
+//!     - name: entra
+//!       issuer: https://login.microsoftonline.com/TENANT/v2.0
+//!       audiences: [api://scorefront]
+//!       jwksUri: https://login.microsoftonline.com/TENANT/discovery/v2.0/keys
+//!       # jwksFile: keys.json  (instead of jwksUri)
+//!       # caFile: ca.pem       (extra CAs for an https jwksUri)
+//!       refreshSeconds: 600
+//!       minRefetchSeconds: 30 # refetch on an unknown kid at most this often
 //! endpoints:
 //!   file: endpoints.yaml      # relative to this file
 //! maxRequestBodyBytes: 104857600
@@ -42,6 +63,83 @@ pub struct RouterConfig {
     pub reload_interval_ms: u64,
     #[serde(default)]
     pub upstream: UpstreamConfig,
+    pub tls: Option<TlsConfig>,
+    #[serde(default)]
+    pub auth: AuthConfig,
+}
+
+/// The certificate of the https listener.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// A client that has not finished its handshake within this long is disconnected.
+    /// Default 10000.
+    #[serde(default = "default_handshake_ms")]
+    pub handshake_timeout_ms: u64,
+}
+
+impl TlsConfig {
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+}
+
+/// Token issuers that `authMode: token` endpoints may trust.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Clock skew allowed when checking `exp` and `nbf`. Default 60.
+    #[serde(default = "default_leeway")]
+    pub leeway_seconds: u64,
+    pub token_issuer: Option<TokenIssuerConfig>,
+    #[serde(default)]
+    pub oidc: Vec<OidcConfig>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            leeway_seconds: default_leeway(),
+            token_issuer: None,
+            oidc: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TokenIssuerConfig {
+    pub signing_key_file: PathBuf,
+    /// Lifetime of minted tokens. Default 3600.
+    #[serde(default = "default_ttl")]
+    pub ttl_seconds: u64,
+    /// The `iss` claim. Default `scorefront`.
+    #[serde(default = "default_issuer")]
+    pub issuer: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OidcConfig {
+    pub name: String,
+    /// The `iss` claim its tokens carry.
+    pub issuer: String,
+    /// A token's `aud` must name one of these.
+    pub audiences: Vec<String>,
+    /// Where the issuer publishes its keys (http or https); or `jwks_file`.
+    pub jwks_uri: Option<String>,
+    /// A JWKS document on disk, re-read like a fetched one.
+    pub jwks_file: Option<PathBuf>,
+    /// CA certificates (PEM) trusted for an https `jwksUri`, besides the system's.
+    pub ca_file: Option<PathBuf>,
+    /// Default 600.
+    #[serde(default = "default_jwks_refresh")]
+    pub refresh_seconds: u64,
+    /// Default 30.
+    #[serde(default = "default_min_refetch")]
+    pub min_refetch_seconds: u64,
 }
 
 /// Connections to replicas.
@@ -81,9 +179,10 @@ impl UpstreamConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Listen {
-    /// Data plane address. Default `0.0.0.0:8080`.
-    #[serde(default = "default_http")]
-    pub http: SocketAddr,
+    /// Data plane address. Default `0.0.0.0:8080` unless `https` is set alone.
+    pub http: Option<SocketAddr>,
+    /// Data plane address over TLS; needs `tls`.
+    pub https: Option<SocketAddr>,
     /// Admin address (health, readiness, metrics). Default `0.0.0.0:9090`.
     #[serde(default = "default_admin")]
     pub admin: SocketAddr,
@@ -99,7 +198,8 @@ pub struct EndpointsSource {
 impl Default for Listen {
     fn default() -> Self {
         Listen {
-            http: default_http(),
+            http: None,
+            https: None,
             admin: default_admin(),
         }
     }
@@ -107,6 +207,24 @@ impl Default for Listen {
 
 fn default_http() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 8080))
+}
+fn default_handshake_ms() -> u64 {
+    10_000
+}
+fn default_leeway() -> u64 {
+    60
+}
+fn default_ttl() -> u64 {
+    3600
+}
+fn default_issuer() -> String {
+    crate::token::BUILTIN.into()
+}
+fn default_jwks_refresh() -> u64 {
+    600
+}
+fn default_min_refetch() -> u64 {
+    30
 }
 fn default_admin() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 9090))
@@ -146,9 +264,63 @@ impl RouterConfig {
                 anyhow::bail!("{}: {field} must be at least 1", path.display());
             }
         }
-        if cfg.endpoints.file.is_relative() {
-            let base = path.parent().unwrap_or(Path::new("."));
-            cfg.endpoints.file = base.join(&cfg.endpoints.file);
+        let file = path.display();
+        if cfg.listen.http.is_none() && cfg.listen.https.is_none() {
+            cfg.listen.http = Some(default_http());
+        }
+        if cfg.listen.https.is_some() && cfg.tls.is_none() {
+            anyhow::bail!("{file}: listen.https needs tls.certFile and tls.keyFile");
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut cfg.endpoints.file);
+        if let Some(tls) = &mut cfg.tls {
+            resolve(&mut tls.cert_file);
+            resolve(&mut tls.key_file);
+        }
+        if let Some(ti) = &mut cfg.auth.token_issuer {
+            resolve(&mut ti.signing_key_file);
+            if ti.ttl_seconds == 0 {
+                anyhow::bail!("{file}: auth.tokenIssuer.ttlSeconds must be at least 1");
+            }
+        }
+        let mut names = vec![crate::token::BUILTIN.to_owned()];
+        for (i, o) in cfg.auth.oidc.iter_mut().enumerate() {
+            let at = format!("{file}: auth.oidc[{i}] ({})", o.name);
+            if names.contains(&o.name) {
+                anyhow::bail!(
+                    "{at}: name is taken (`{}` is the built-in issuer's)",
+                    crate::token::BUILTIN
+                );
+            }
+            names.push(o.name.clone());
+            if o.audiences.is_empty() {
+                anyhow::bail!("{at}: audiences must list at least one");
+            }
+            match (&o.jwks_uri, &mut o.jwks_file) {
+                (Some(uri), None) => {
+                    let parsed: http::Uri = uri
+                        .parse()
+                        .with_context(|| format!("{at}: jwksUri is not a URL"))?;
+                    if !matches!(parsed.scheme_str(), Some("http" | "https"))
+                        || parsed.host().is_none()
+                    {
+                        anyhow::bail!("{at}: jwksUri must be an http:// or https:// URL");
+                    }
+                }
+                (None, Some(f)) => resolve(f),
+                _ => anyhow::bail!("{at}: set exactly one of jwksUri and jwksFile"),
+            }
+            if let Some(ca) = &mut o.ca_file {
+                resolve(ca);
+            }
+            if o.refresh_seconds == 0 {
+                anyhow::bail!("{at}: refreshSeconds must be at least 1");
+            }
         }
         Ok(cfg)
     }
@@ -176,7 +348,8 @@ mod tests {
         assert_eq!(cfg.endpoints.file, Path::new("/etc/sf/eps.yaml"));
         assert_eq!(cfg.max_request_body_bytes, 100 * 1024 * 1024);
         assert_eq!(cfg.grace_period(), Duration::from_secs(30));
-        assert_eq!(cfg.listen.http.port(), 8080);
+        assert_eq!(cfg.listen.http.unwrap().port(), 8080);
+        assert_eq!(cfg.listen.https, None);
         let err = RouterConfig::parse(
             "endpoints: {file: x}\nlisten: {htp: 1}",
             Path::new("r.yaml"),

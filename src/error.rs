@@ -10,6 +10,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
 
+use crate::token::Reason;
+
 /// Why the router answered instead of a model.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProxyError {
@@ -35,8 +37,13 @@ pub enum ClientError {
     VersionNotFound { endpoint: String, version: String },
     #[error("endpoint '{0}' has no version that takes traffic and no default version")]
     NoRoute(String),
-    #[error("missing or invalid credential; send 'Authorization: Bearer <key>'")]
-    Unauthorized,
+    #[error("missing or invalid credential; send 'Authorization: Bearer <{}>'", if *.token {"token"} else {"key"})]
+    Unauthorized {
+        /// The endpoint takes tokens rather than keys.
+        token: bool,
+        /// For the log and the metric only; the client is never told.
+        reason: Reason,
+    },
     #[error("request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: u64 },
     #[error("header '{0}' is longer than 100 characters")]
@@ -77,7 +84,7 @@ impl ProxyError {
                 | ClientError::VersionNotFound { .. }
                 | ClientError::NoRoute(_)
                 | ClientError::BadPath => StatusCode::NOT_FOUND,
-                ClientError::Unauthorized => StatusCode::UNAUTHORIZED,
+                ClientError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
                 ClientError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
                 ClientError::HeaderTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             },
@@ -98,7 +105,7 @@ impl ProxyError {
                 ClientError::EndpointNotFound(_) | ClientError::BadPath => "EndpointNotFound",
                 ClientError::VersionNotFound { .. } => "VersionNotFound",
                 ClientError::NoRoute(_) => "NoRoute",
-                ClientError::Unauthorized => "Unauthorized",
+                ClientError::Unauthorized { .. } => "Unauthorized",
                 ClientError::PayloadTooLarge { .. } => "PayloadTooLarge",
                 ClientError::HeaderTooLarge(_) => "HeaderTooLarge",
             },
@@ -118,9 +125,14 @@ impl ProxyError {
     /// Headers the error adds to the response besides `content-type`.
     pub fn extra_header(&self) -> Option<(header::HeaderName, HeaderValue)> {
         match self {
-            ProxyError::Client(ClientError::Unauthorized) => {
-                Some((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")))
-            }
+            ProxyError::Client(ClientError::Unauthorized { token, .. }) => Some((
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(if *token {
+                    r#"Bearer error="invalid_token""#
+                } else {
+                    "Bearer"
+                }),
+            )),
             ProxyError::Capacity(_) => Some((header::RETRY_AFTER, RETRY_AFTER)),
             _ => None,
         }
@@ -130,6 +142,7 @@ impl ProxyError {
     pub fn detail(&self) -> Option<&str> {
         match self {
             ProxyError::Upstream(UpstreamError::Unavailable { reason, .. }) => Some(reason),
+            ProxyError::Client(ClientError::Unauthorized { reason, .. }) => Some(reason.label()),
             _ => None,
         }
     }
@@ -181,7 +194,20 @@ mod tests {
         });
         assert_eq!(full.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(full.extra_header().unwrap().0, header::RETRY_AFTER);
-        let denied = ProxyError::from(ClientError::Unauthorized);
-        assert_eq!(denied.extra_header().unwrap().0, header::WWW_AUTHENTICATE);
+        let denied = ProxyError::from(ClientError::Unauthorized {
+            token: false,
+            reason: Reason::InvalidKey,
+        });
+        assert_eq!(denied.extra_header().unwrap().1, "Bearer");
+        assert_eq!(denied.detail(), Some("invalid_key"));
+        let denied = ProxyError::from(ClientError::Unauthorized {
+            token: true,
+            reason: Reason::Expired,
+        });
+        assert_eq!(
+            denied.extra_header().unwrap().1,
+            r#"Bearer error="invalid_token""#
+        );
+        assert!(denied.to_string().contains("Bearer <token>"), "{denied}");
     }
 }

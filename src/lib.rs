@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod server;
 pub mod spec;
+pub mod token;
 
 /// Resolves once `flag` is true (or its sender is gone). Shutdown signals are
 /// `watch<bool>` channels so that tests and the app drive them the same way.

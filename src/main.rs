@@ -1,6 +1,8 @@
-//! The `scorefront` command: `serve`, `check-config` and `keys`.
+//! The `scorefront` command: `serve`, `check-config`, `keys` and `token`.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{io::Write, path::PathBuf, process::ExitCode, time::SystemTime};
+
+use std::os::unix::fs::OpenOptionsExt;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -8,7 +10,12 @@ use rand::{RngExt, distr::Alphanumeric};
 use scorefront::{
     app::{self, Listeners},
     discovery::file,
-    spec::ReplicaSource,
+    server::tls::LoadedCert,
+    spec::{Auth, ReplicaSource},
+    token::{
+        self,
+        issuer::{KeyKind, Signer},
+    },
 };
 use tokio::{net::TcpListener, signal::unix::SignalKind};
 
@@ -38,8 +45,24 @@ enum Cmd {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Print a fresh random primary/secondary key pair for an endpoint spec.
-    Keys,
+    /// Print a fresh random primary/secondary key pair for an endpoint spec, or with
+    /// --token-signing a private key for the built-in token issuer.
+    Keys {
+        /// Make a token signing key (PKCS#8 PEM) of this kind instead.
+        #[arg(long, value_enum)]
+        token_signing: Option<KeyKind>,
+        /// Write the signing key to this new file (mode 0600) instead of stdout.
+        #[arg(long, requires = "token_signing")]
+        out: Option<PathBuf>,
+    },
+    /// Mint a token for an `authMode: token` endpoint with the built-in issuer; prints
+    /// JSON {accessToken, tokenType, expiryOn, refreshAfter}.
+    Token {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long, short)]
+        endpoint: String,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -66,7 +89,10 @@ fn main() -> ExitCode {
             }
         }
         Cmd::CheckConfig { config } => check_config(config),
-        Cmd::Keys => {
+        Cmd::Keys {
+            token_signing: None,
+            ..
+        } => {
             let key = || -> String {
                 rand::rng()
                     .sample_iter(Alphanumeric)
@@ -77,7 +103,72 @@ fn main() -> ExitCode {
             println!("keys:\n  primaryKey: {}\n  secondaryKey: {}", key(), key());
             ExitCode::SUCCESS
         }
+        Cmd::Keys {
+            token_signing: Some(kind),
+            out,
+        } => report(signing_key(kind, out)),
+        Cmd::Token { config, endpoint } => report(mint(&config, &endpoint)),
     }
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn signing_key(kind: KeyKind, out: Option<PathBuf>) -> anyhow::Result<()> {
+    let pem = token::issuer::generate(kind)?;
+    match out {
+        None => print!("{pem}"),
+        Some(path) => {
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            file.write_all(pem.as_bytes())?;
+            eprintln!("wrote {}", path.display());
+        }
+    }
+    Ok(())
+}
+
+fn mint(config: &std::path::Path, endpoint: &str) -> anyhow::Result<()> {
+    let (cfg, endpoints) = file::load_all(config).map_err(|errors| {
+        anyhow::anyhow!("configuration is invalid:\n  {}", errors.join("\n  "))
+    })?;
+    let issuer = cfg
+        .auth
+        .token_issuer
+        .as_ref()
+        .with_context(|| format!("{}: auth.tokenIssuer is not configured", config.display()))?;
+    let ep = endpoints
+        .iter()
+        .find(|e| e.name == endpoint)
+        .with_context(|| format!("no endpoint named {endpoint}"))?;
+    match &ep.auth {
+        Auth::Token { issuers } if issuers.iter().any(|i| i == token::BUILTIN) => {}
+        Auth::Token { .. } => anyhow::bail!(
+            "endpoint {endpoint} does not trust the built-in issuer; add `{}` to its \
+             spec.tokenIssuers",
+            token::BUILTIN
+        ),
+        _ => anyhow::bail!("endpoint {endpoint} does not take tokens (authMode is not token)"),
+    }
+    let signer = Signer::load(
+        &issuer.signing_key_file,
+        issuer.issuer.clone(),
+        issuer.ttl_seconds,
+    )?;
+    let token = signer.mint(endpoint, SystemTime::now())?;
+    println!("{}", serde_json::to_string(&token)?);
+    Ok(())
 }
 
 /// Logs go to stderr through a writer thread, so a request never waits on a write
@@ -105,13 +196,20 @@ async fn serve(config: PathBuf) -> anyhow::Result<()> {
     let (cfg, _) = file::load_all(&config).map_err(|errors| {
         anyhow::anyhow!("configuration is invalid:\n  {}", errors.join("\n  "))
     })?;
-    let bind = |addr| async move {
+    let bind = |addr: std::net::SocketAddr| async move {
         TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))
     };
     let listeners = Listeners {
-        http: bind(cfg.listen.http).await?,
+        http: match cfg.listen.http {
+            Some(a) => Some(bind(a).await?),
+            None => None,
+        },
+        https: match cfg.listen.https {
+            Some(a) => Some(bind(a).await?),
+            None => None,
+        },
         admin: bind(cfg.listen.admin).await?,
     };
     let app = app::start(&config, listeners).await?;
@@ -124,8 +222,43 @@ async fn serve(config: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Everything `serve` would refuse at start besides the two files: the certificate and
+/// key, the token signing key and JWKS files.
+fn check_secrets(cfg: &scorefront::config::RouterConfig) -> Vec<String> {
+    let mut errors = Vec::new();
+    if let Some(tls) = &cfg.tls
+        && let Err(e) = LoadedCert::load(&tls.cert_file, &tls.key_file, SystemTime::now())
+    {
+        errors.push(format!("tls: {e}"));
+    }
+    if let Some(ti) = &cfg.auth.token_issuer
+        && let Err(e) = Signer::load(&ti.signing_key_file, ti.issuer.clone(), ti.ttl_seconds)
+    {
+        errors.push(format!("auth.tokenIssuer: {e:#}"));
+    }
+    for o in &cfg.auth.oidc {
+        if let Some(path) = &o.jwks_file {
+            let checked = std::fs::read(path)
+                .map_err(|e| e.to_string())
+                .and_then(|json| token::jwk::parse_jwks(&json));
+            if let Err(e) = checked {
+                errors.push(format!("auth.oidc {}: {}: {e}", o.name, path.display()));
+            }
+        }
+    }
+    errors
+}
+
 fn check_config(config: PathBuf) -> ExitCode {
-    match file::load_all(&config) {
+    let loaded = file::load_all(&config).and_then(|(cfg, endpoints)| {
+        let errors = check_secrets(&cfg);
+        if errors.is_empty() {
+            Ok((cfg, endpoints))
+        } else {
+            Err(errors)
+        }
+    });
+    match loaded {
         Ok((cfg, endpoints)) => {
             let versions: usize = endpoints.iter().map(|e| e.versions.len()).sum();
             let local = endpoints

@@ -9,8 +9,8 @@
 use std::sync::Mutex;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::proxy::table::RoutingTable;
@@ -31,6 +31,8 @@ pub struct Metrics {
     in_flight: IntGaugeVec,
     queued: IntGaugeVec,
     replicas: IntGaugeVec,
+    /// Set by whoever loads the https certificate; absent without one.
+    cert_expiry: IntGauge,
     /// Serializes scrapes: each one resets and refills the gauges.
     scrape: Mutex<()>,
 }
@@ -109,9 +111,9 @@ impl Metrics {
             auth_failures: IntCounterVec::new(
                 Opts::new(
                     "scorefront_auth_failures_total",
-                    "Requests refused with 401 by endpoint.",
+                    "Requests refused with 401, by endpoint and reason.",
                 ),
-                &["endpoint"],
+                &["endpoint", "reason"],
             )
             .expect("valid counter"),
             in_flight: gauge(
@@ -129,6 +131,11 @@ impl Metrics {
                 "Replicas by state: ready (routable) and busy (ready with a request in flight).",
                 &["endpoint", "version", "state"],
             ),
+            cert_expiry: IntGauge::new(
+                "scorefront_tls_cert_expiry_timestamp_seconds",
+                "When the https certificate in use expires (notAfter, epoch seconds).",
+            )
+            .expect("valid gauge"),
             scrape: Mutex::new(()),
         };
         for c in [
@@ -162,8 +169,19 @@ impl Metrics {
         }
     }
 
-    pub fn auth_failures(&self, endpoint: &str) -> IntCounter {
-        self.auth_failures.with_label_values(&[endpoint])
+    /// Records the expiry of the https certificate now in use; the gauge appears then.
+    pub fn set_cert_expiry(&self, not_after: i64) {
+        if self.cert_expiry.get() == 0 {
+            let _ = self.registry.register(Box::new(self.cert_expiry.clone()));
+        }
+        self.cert_expiry.set(not_after);
+    }
+
+    /// Counts a request refused with 401 (rare enough to resolve the labels each time).
+    pub fn count_auth_failure(&self, endpoint: &str, reason: &str) {
+        self.auth_failures
+            .with_label_values(&[endpoint, reason])
+            .inc();
     }
 
     /// Counts a request that ended before a version was chosen.

@@ -42,6 +42,11 @@ pub struct EndpointSpec {
     pub auth_mode: AuthMode,
     #[serde(default)]
     pub keys: Option<KeysSpec>,
+    /// With `authMode: token`: the issuers whose tokens are accepted, by name (the built-in
+    /// issuer is `scorefront`, OIDC issuers go by their `auth.oidc` name in the router
+    /// config). Default: the built-in issuer only.
+    #[serde(default)]
+    pub token_issuers: Option<Vec<String>>,
     #[serde(default)]
     pub versions: Vec<VersionSpec>,
 }
@@ -51,6 +56,7 @@ pub struct EndpointSpec {
 pub enum AuthMode {
     #[default]
     Key,
+    Token,
     None,
 }
 
@@ -104,6 +110,11 @@ pub enum Auth {
         primary: String,
         secondary: Option<String>,
     },
+    /// JWTs from the named issuers (checked against the router's issuers by
+    /// [`crate::token::Verifier`]).
+    Token {
+        issuers: Vec<String>,
+    },
 }
 
 impl fmt::Debug for Auth {
@@ -111,6 +122,7 @@ impl fmt::Debug for Auth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Auth::None => f.write_str("None"),
+            Auth::Token { issuers } => write!(f, "Token {{ issuers: {issuers:?} }}"),
             Auth::Key { secondary, .. } => write!(
                 f,
                 "Key {{ primary: <redacted>, secondary: {} }}",
@@ -201,7 +213,33 @@ pub fn validate(doc: &EndpointDocument) -> Result<Endpoint, Vec<SpecError>> {
 
 fn validate_auth(spec: &EndpointSpec, errs: &mut Errors) -> Auth {
     let keys = spec.keys.clone().unwrap_or_default();
+    if spec.auth_mode != AuthMode::Token && spec.token_issuers.is_some() {
+        errs.push(
+            "spec.tokenIssuers",
+            "tokenIssuers is set but authMode is not token; remove it or set authMode: token",
+        );
+    }
     match spec.auth_mode {
+        AuthMode::Token => {
+            if keys.primary_key.is_some() || keys.secondary_key.is_some() {
+                errs.push(
+                    "spec.keys",
+                    "keys are set but authMode is token (key and token are exclusive); \
+                     remove them or set authMode: key",
+                );
+            }
+            let issuers = spec
+                .token_issuers
+                .clone()
+                .unwrap_or_else(|| vec![crate::token::BUILTIN.to_owned()]);
+            if issuers.is_empty() {
+                errs.push(
+                    "spec.tokenIssuers",
+                    "lists no issuer, so no token could pass; name at least one",
+                );
+            }
+            Auth::Token { issuers }
+        }
         AuthMode::None => {
             if keys.primary_key.is_some() || keys.secondary_key.is_some() {
                 errs.push(

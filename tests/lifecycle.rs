@@ -745,7 +745,11 @@ async fn admin_port_health_readiness_and_metrics() {
         "{text}"
     );
     assert_eq!(
-        metric(&text, "scorefront_auth_failures_total", &[ep]),
+        metric(
+            &text,
+            "scorefront_auth_failures_total",
+            &[ep, ("reason", "invalid_key")]
+        ),
         Some(1.0),
         "{text}"
     );

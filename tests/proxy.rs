@@ -397,15 +397,17 @@ async fn either_key_is_accepted_and_anything_else_is_401() {
     }
     assert_eq!(blue.requests(), 3, "refused requests never reach the model");
 
-    let labels = [("endpoint", "fraud")];
-    metric_eventually(
-        &router,
-        Patience::SHORT,
-        "scorefront_auth_failures_total",
-        &labels,
-        bad.len() as f64,
-    )
-    .await;
+    // No usable `Bearer` credential, then a wrong one.
+    for (reason, count) in [("missing", 4.0), ("invalid_key", 3.0)] {
+        metric_eventually(
+            &router,
+            Patience::SHORT,
+            "scorefront_auth_failures_total",
+            &[("endpoint", "fraud"), ("reason", reason)],
+            count,
+        )
+        .await;
+    }
     let text = router.metrics().await;
     assert!(!text.contains(KEY) && !text.contains(KEY2));
     router.shutdown().await;

@@ -13,7 +13,12 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 
 use super::index::Event;
-use crate::{config::RouterConfig, proxy::Proxy, spec};
+use crate::{
+    config::RouterConfig,
+    proxy::Proxy,
+    server::tls::{CertStore, LoadedCert},
+    spec,
+};
 
 /// Reads and validates an endpoints file. Errors name the file, the document (1-based, and
 /// its name when it has one) and the field.
@@ -54,22 +59,67 @@ pub fn parse_endpoints(text: &str, path: &Path) -> Result<Vec<spec::Endpoint>, V
 /// Loads both files as `serve` and `check-config` do.
 pub fn load_all(config: &Path) -> Result<(RouterConfig, Vec<spec::Endpoint>), Vec<String>> {
     let cfg = RouterConfig::load(config).map_err(|e| vec![format!("{e:#}")])?;
-    let endpoints = load_endpoints(&cfg.endpoints.file)?;
+    let endpoints = load_endpoints_for(&cfg)?;
     Ok((cfg, endpoints))
 }
 
-/// Watches the router config and the endpoints file until `stop` turns true.
+/// Loads the endpoints file `cfg` names and checks that every token issuer an endpoint
+/// trusts is configured in `cfg`.
+pub fn load_endpoints_for(cfg: &RouterConfig) -> Result<Vec<spec::Endpoint>, Vec<String>> {
+    let endpoints = load_endpoints(&cfg.endpoints.file)?;
+    let mut known: Vec<&str> = cfg.auth.oidc.iter().map(|o| o.name.as_str()).collect();
+    if cfg.auth.token_issuer.is_some() {
+        known.insert(0, crate::token::BUILTIN);
+    }
+    let errors: Vec<String> =
+        endpoints
+            .iter()
+            .flat_map(|ep| {
+                match &ep.auth {
+            spec::Auth::Token { issuers } => issuers.as_slice(),
+            _ => &[],
+        }
+        .iter()
+        .filter(|name| !known.contains(&name.as_str()))
+        .map(|name| {
+            format!(
+                "{}: endpoint {}: spec.tokenIssuers: `{name}` is not configured in the router \
+                 config (configured: {}); `{}` needs auth.tokenIssuer, others auth.oidc",
+                cfg.endpoints.file.display(),
+                ep.name,
+                if known.is_empty() { "none".to_owned() } else { known.join(", ") },
+                crate::token::BUILTIN,
+            )
+        })
+            })
+            .collect();
+    if errors.is_empty() {
+        Ok(endpoints)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Watches the router config, the endpoints file and the TLS certificate and key until
+/// `stop` turns true.
 ///
-/// Polls both files every `reloadIntervalMs` (comparing contents, so a Kubernetes-style
+/// Polls the files every `reloadIntervalMs` (comparing contents, so a Kubernetes-style
 /// symlink swap is seen too; a change applies once two polls in a row read it the same)
 /// and re-reads them on SIGHUP. A valid endpoints change goes to the index; the body limit
-/// applies at once; listener changes need a restart.
+/// applies at once; a new certificate and key that load and match go to `certs`; listener,
+/// TLS path and auth changes need a restart.
 pub struct Watcher {
     pub config_path: PathBuf,
     pub config: RouterConfig,
     pub proxy: Arc<Proxy>,
     pub events: mpsc::UnboundedSender<Event>,
+    /// The https listener's certificate, when there is one.
+    pub certs: Option<Arc<CertStore>>,
 }
+
+/// The contents of the watched files: router config, endpoints, then cert and key.
+type Contents = Vec<Option<Vec<u8>>>;
+const TLS_FILES: std::ops::Range<usize> = 2..4;
 
 impl Watcher {
     /// Must be called right after the files were loaded (in a runtime): the files are
@@ -78,7 +128,7 @@ impl Watcher {
     pub fn run(mut self, mut stop: watch::Receiver<bool>) -> impl Future<Output = ()> + Send {
         let mut hangup =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-        let mut seen = (read(&self.config_path), read(&self.config.endpoints.file));
+        let mut seen = self.read_all();
         async move {
             let mut tick = tokio::time::interval(self.config.reload_interval());
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -92,7 +142,7 @@ impl Watcher {
                     Some(()) = async { hangup.as_mut()?.recv().await } => true,
                     () = crate::until_true(&mut stop) => return,
                 };
-                let now = (read(&self.config_path), read(&self.config.endpoints.file));
+                let now = self.read_all();
                 if !forced && now == seen {
                     settling = None;
                     continue;
@@ -102,11 +152,42 @@ impl Watcher {
                     continue;
                 }
                 settling = None;
+                if forced || now[..TLS_FILES.start] != seen[..TLS_FILES.start] {
+                    self.reload(forced);
+                }
+                if forced || now.get(TLS_FILES) != seen.get(TLS_FILES) {
+                    self.reload_certs();
+                }
                 seen = now;
-                self.reload(forced);
                 // The config may name another endpoints file now: compare against it.
-                seen.1 = read(&self.config.endpoints.file);
+                seen[1] = read(&self.config.endpoints.file);
             }
+        }
+    }
+
+    fn read_all(&self) -> Contents {
+        let mut all = vec![read(&self.config_path), read(&self.config.endpoints.file)];
+        if let Some(tls) = &self.config.tls {
+            all.extend([read(&tls.cert_file), read(&tls.key_file)]);
+        }
+        all
+    }
+
+    fn reload_certs(&self) {
+        let (Some(store), Some(tls)) = (&self.certs, &self.config.tls) else {
+            return;
+        };
+        match LoadedCert::load(&tls.cert_file, &tls.key_file, std::time::SystemTime::now()) {
+            Ok(cert) => {
+                tracing::info!(
+                    cert = %tls.cert_file.display(),
+                    not_after = cert.not_after,
+                    "TLS certificate reloaded; new connections get it"
+                );
+                self.proxy.metrics().set_cert_expiry(cert.not_after);
+                store.replace(cert);
+            }
+            Err(e) => tracing::error!("TLS certificate not reloaded, keeping the current one: {e}"),
         }
     }
 
@@ -124,10 +205,12 @@ impl Watcher {
                     || cfg.shutdown_grace_period_seconds
                         != self.config.shutdown_grace_period_seconds
                     || cfg.upstream != self.config.upstream
+                    || cfg.tls != self.config.tls
+                    || cfg.auth != self.config.auth
                 {
                     tracing::warn!(
-                        "reloadIntervalMs, shutdownGracePeriodSeconds and upstream take effect \
-                         after a restart"
+                        "reloadIntervalMs, shutdownGracePeriodSeconds, upstream, tls and auth \
+                         take effect after a restart (certificate contents reload by themselves)"
                     );
                 }
                 self.config = RouterConfig {
@@ -135,6 +218,8 @@ impl Watcher {
                     reload_interval_ms: self.config.reload_interval_ms,
                     shutdown_grace_period_seconds: self.config.shutdown_grace_period_seconds,
                     upstream: self.config.upstream,
+                    tls: self.config.tls.clone(),
+                    auth: self.config.auth.clone(),
                     ..cfg
                 };
             }
@@ -142,7 +227,7 @@ impl Watcher {
                 tracing::error!("router config not reloaded, keeping the last good one: {e:#}");
             }
         }
-        match load_endpoints(&self.config.endpoints.file) {
+        match load_endpoints_for(&self.config) {
             Ok(endpoints) => {
                 let _ = self.events.send(Event::Endpoints(endpoints));
             }

@@ -1,10 +1,15 @@
 //! Credential checks of the request path. Key mode compares in constant time against both
-//! keys every time, so timing tells nothing about which key (if any) was close.
+//! keys every time, so timing tells nothing about which key (if any) was close. Token mode
+//! hands the bearer token to the [`Verifier`].
 
 use http::{HeaderMap, header::AUTHORIZATION};
 use subtle::ConstantTimeEq;
 
-use crate::{error::ClientError, spec::Auth};
+use crate::{
+    error::ClientError,
+    spec::Auth,
+    token::{Reason, Verifier},
+};
 
 /// The credential of `Authorization: Bearer <credential>` (scheme case-insensitive).
 pub fn bearer(headers: &HeaderMap) -> Option<&[u8]> {
@@ -16,11 +21,25 @@ pub fn bearer(headers: &HeaderMap) -> Option<&[u8]> {
         .filter(|c| !c.is_empty())
 }
 
-pub fn verify(auth: &Auth, headers: &HeaderMap) -> Result<(), ClientError> {
+/// Checks the credential of a request to `endpoint`.
+pub async fn verify(
+    auth: &Auth,
+    endpoint: &str,
+    headers: &HeaderMap,
+    tokens: &Verifier,
+) -> Result<(), ClientError> {
+    let refuse = |token, reason| ClientError::Unauthorized { token, reason };
     match auth {
         Auth::None => Ok(()),
+        Auth::Token { issuers } => {
+            let given = bearer(headers).ok_or(refuse(true, Reason::Missing))?;
+            tokens
+                .verify(endpoint, issuers, given)
+                .await
+                .map_err(|reason| refuse(true, reason))
+        }
         Auth::Key { primary, secondary } => {
-            let given = bearer(headers).ok_or(ClientError::Unauthorized)?;
+            let given = bearer(headers).ok_or(refuse(false, Reason::Missing))?;
             let primary_ok = given.ct_eq(primary.as_bytes());
             let secondary_ok = match secondary {
                 Some(s) => given.ct_eq(s.as_bytes()),
@@ -29,7 +48,7 @@ pub fn verify(auth: &Auth, headers: &HeaderMap) -> Result<(), ClientError> {
             if bool::from(primary_ok | secondary_ok) {
                 Ok(())
             } else {
-                Err(ClientError::Unauthorized)
+                Err(refuse(false, Reason::InvalidKey))
             }
         }
     }
@@ -45,14 +64,26 @@ mod tests {
         h
     }
 
+    fn check(auth: &Auth, headers: &HeaderMap) -> Result<(), ClientError> {
+        let tokens = Verifier::from_config(&Default::default()).unwrap();
+        block_on(verify(auth, "ep", headers, &tokens))
+    }
+
+    fn block_on<F: Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
     #[test]
     fn either_key_passes_and_nothing_else_does() {
         let auth = Auth::Key {
             primary: "primary-key-0123456789".into(),
             secondary: Some("secondary-key-0123456789".into()),
         };
-        assert!(verify(&auth, &headers("Bearer primary-key-0123456789")).is_ok());
-        assert!(verify(&auth, &headers("bearer secondary-key-0123456789")).is_ok());
+        assert!(check(&auth, &headers("Bearer primary-key-0123456789")).is_ok());
+        assert!(check(&auth, &headers("bearer secondary-key-0123456789")).is_ok());
         for bad in [
             "Bearer primary-key-012345678",
             "Bearer primary-key-0123456789x",
@@ -60,16 +91,21 @@ mod tests {
             "Bearer ",
             "primary-key-0123456789",
         ] {
-            assert_eq!(
-                verify(&auth, &headers(bad)),
-                Err(ClientError::Unauthorized),
+            assert!(
+                matches!(
+                    check(&auth, &headers(bad)),
+                    Err(ClientError::Unauthorized { token: false, .. })
+                ),
                 "{bad}"
             );
         }
         assert_eq!(
-            verify(&auth, &HeaderMap::new()),
-            Err(ClientError::Unauthorized)
+            check(&auth, &HeaderMap::new()),
+            Err(ClientError::Unauthorized {
+                token: false,
+                reason: Reason::Missing
+            })
         );
-        assert!(verify(&Auth::None, &HeaderMap::new()).is_ok());
+        assert!(check(&Auth::None, &HeaderMap::new()).is_ok());
     }
 }

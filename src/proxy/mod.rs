@@ -40,6 +40,7 @@ use crate::{
     config::UpstreamConfig,
     error::{ClientError, ProxyError, UpstreamError},
     metrics::Metrics,
+    token::Verifier,
 };
 
 /// Default request body limit: 100 MiB.
@@ -51,6 +52,8 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
     max_body: AtomicU64,
     upstream: UpstreamConfig,
+    /// Token issuers for `authMode: token` endpoints; fixed for the process's life.
+    tokens: Arc<Verifier>,
 }
 
 /// Who is on the other end of a client connection.
@@ -62,12 +65,18 @@ pub struct ClientInfo {
 }
 
 impl Proxy {
-    pub fn new(metrics: Arc<Metrics>, max_body: u64, upstream: UpstreamConfig) -> Self {
+    pub fn new(
+        metrics: Arc<Metrics>,
+        max_body: u64,
+        upstream: UpstreamConfig,
+        tokens: Arc<Verifier>,
+    ) -> Self {
         Proxy {
             table: ArcSwap::from_pointee(RoutingTable::default()),
             metrics,
             max_body: AtomicU64::new(max_body),
             upstream,
+            tokens,
         }
     }
 
@@ -132,8 +141,13 @@ impl Proxy {
             .cloned()
             .ok_or_else(|| ClientError::EndpointNotFound(name.to_owned()))?;
         record.endpoint = Some(endpoint.clone());
-        if let Err(e) = auth::verify(&endpoint.auth, req.headers()) {
-            endpoint.auth_failures.inc();
+        if let Err(e) =
+            auth::verify(&endpoint.auth, &endpoint.name, req.headers(), &self.tokens).await
+        {
+            if let ClientError::Unauthorized { reason, .. } = e {
+                self.metrics
+                    .count_auth_failure(&endpoint.name, reason.label());
+            }
             return Err(e.into());
         }
         let pin = req

@@ -7,7 +7,6 @@
 use std::{collections::HashMap, sync::Arc};
 
 use http::HeaderValue;
-use prometheus::IntCounter;
 
 use super::slots::VersionSlots;
 use crate::{
@@ -29,7 +28,6 @@ pub struct EndpointRoute {
     default: Option<usize>,
     /// `(upper bound of the roll, version index)` for versions with traffic, cumulative.
     split: Vec<(u32, usize)>,
-    pub auth_failures: IntCounter,
 }
 
 pub struct VersionRoute {
@@ -85,7 +83,6 @@ impl RoutingTable {
                     default: versions.iter().position(|v| v.spec.is_default),
                     versions,
                     split,
-                    auth_failures: metrics.auth_failures(&ep.name),
                 };
                 (ep.name.clone(), Arc::new(route))
             })

@@ -1,10 +1,11 @@
-//! Listeners: the data plane (HTTP/1.1 and h2c on one port) and the admin port.
+//! Listeners: the data plane (HTTP/1.1 and h2c, or both over TLS) and the admin port.
 //!
 //! The caller binds every listener (tests bind port 0). Each accepted connection is
 //! watched by a [`GracefulShutdown`], so shutdown stops accepting, lets in-flight requests
 //! finish, and closes idle keep-alive connections.
 
 pub mod admin;
+pub mod tls;
 
 use std::{convert::Infallible, sync::Arc, time::Duration};
 
@@ -13,7 +14,12 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::{conn::auto, graceful::GracefulShutdown},
 };
-use tokio::{net::TcpListener, sync::watch, task::JoinSet};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+    task::JoinSet,
+};
+use tokio_rustls::TlsAcceptor;
 
 use crate::proxy::{ClientInfo, Proxy};
 
@@ -32,15 +38,26 @@ fn builder() -> auto::Builder<TokioExecutor> {
     b
 }
 
-/// Accepts scoring connections until `stop` turns true, then drains: in-flight requests
-/// get up to `grace` to finish, after which the remaining connections are cut.
+/// TLS settings of an https listener.
+#[derive(Clone)]
+pub struct Tls {
+    pub config: Arc<rustls::ServerConfig>,
+    /// A client that has not completed its handshake within this long is disconnected.
+    pub handshake_timeout: Duration,
+}
+
+/// Accepts scoring connections (over TLS when `tls` is set) until `stop` turns true, then
+/// drains: in-flight requests get up to `grace` to finish, after which the remaining
+/// connections are cut.
 pub async fn serve_data(
     listener: TcpListener,
+    tls: Option<Tls>,
     proxy: Arc<Proxy>,
     mut stop: watch::Receiver<bool>,
     grace: Duration,
 ) {
-    let builder = builder();
+    let builder = Arc::new(builder());
+    let tls = tls.map(|t| (TlsAcceptor::from(t.config), t.handshake_timeout));
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
     loop {
@@ -60,22 +77,46 @@ pub async fn serve_data(
         let _ = stream.set_nodelay(true);
         let client = ClientInfo {
             addr,
-            scheme: "http",
+            scheme: if tls.is_some() { "https" } else { "http" },
         };
         let proxy = proxy.clone();
         let service = service_fn(move |req: Request<Incoming>| {
             let proxy = proxy.clone();
             async move { Ok::<_, Infallible>(proxy.handle(req, client).await) }
         });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        connections.spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(client = %addr, "connection ended: {e}");
+        match &tls {
+            None => {
+                let conn = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .into_owned();
+                let conn = graceful.watch(conn);
+                connections.spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(client = %addr, "connection ended: {e}");
+                    }
+                });
             }
-        });
+            Some((acceptor, timeout)) => {
+                // The handshake runs in the connection's own task, bounded in time; a
+                // failed one costs its task and socket, nothing else.
+                let handshake = handshake(acceptor.clone(), stream, *timeout);
+                let builder = builder.clone();
+                let watcher = graceful.watcher();
+                connections.spawn(async move {
+                    let stream = match handshake.await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::debug!(client = %addr, "TLS handshake failed: {e}");
+                            return;
+                        }
+                    };
+                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    if let Err(e) = watcher.watch(conn).await {
+                        tracing::debug!(client = %addr, "connection ended: {e}");
+                    }
+                });
+            }
+        }
     }
     drop(listener);
     let open = graceful.count();
@@ -89,5 +130,17 @@ pub async fn serve_data(
     {
         tracing::warn!("grace period of {grace:?} ended with requests still running; cutting them");
         connections.shutdown().await;
+    }
+}
+
+async fn handshake(
+    acceptor: TlsAcceptor,
+    stream: TcpStream,
+    timeout: Duration,
+) -> Result<tokio_rustls::server::TlsStream<TcpStream>, String> {
+    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("not completed within {timeout:?}")),
     }
 }

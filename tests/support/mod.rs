@@ -282,7 +282,11 @@ impl Router {
         let (h, a) = (http.local_addr().unwrap(), admin.local_addr().unwrap());
         let app = app::start(
             &dir.path().join("scorefront.yaml"),
-            Listeners { http, admin },
+            Listeners {
+                http: Some(http),
+                https: None,
+                admin,
+            },
         )
         .await
         .expect("router starts");
