@@ -2,6 +2,9 @@
 //! endpoint documents, a small HTTP client, bounded polling and a Prometheus text reader.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod tls;
+pub mod tokens;
+
 use std::{
     convert::Infallible,
     net::SocketAddr,
@@ -215,6 +218,8 @@ where
 pub struct Router {
     pub app: Option<App>,
     pub http: SocketAddr,
+    /// Set when started with an https listener.
+    pub https: Option<SocketAddr>,
     pub admin: SocketAddr,
     pub dir: tempfile::TempDir,
 }
@@ -274,28 +279,52 @@ impl Router {
     }
 
     pub async fn start_with(config: &str, endpoints: &str) -> Router {
+        Self::try_start(config, endpoints, &[], false)
+            .await
+            .expect("router starts")
+    }
+
+    /// Starts a router from `config` and `endpoints`, with each of `files` (a path relative
+    /// to the router's folder, and its contents) written first, and an https listener on
+    /// port 0 besides the http one when `https` is set.
+    pub async fn try_start(
+        config: &str,
+        endpoints: &str,
+        files: &[(&str, &[u8])],
+        https: bool,
+    ) -> anyhow::Result<Router> {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("scorefront.yaml"), config).unwrap();
         std::fs::write(dir.path().join("endpoints.yaml"), endpoints).unwrap();
-        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        for (path, contents) in files {
+            std::fs::write(dir.path().join(path), contents).unwrap();
+        }
+        let bind = || TcpListener::bind("127.0.0.1:0");
+        let http = bind().await.unwrap();
+        let admin = bind().await.unwrap();
+        let tls = if https {
+            Some(bind().await.unwrap())
+        } else {
+            None
+        };
         let (h, a) = (http.local_addr().unwrap(), admin.local_addr().unwrap());
+        let s = tls.as_ref().map(|l| l.local_addr().unwrap());
         let app = app::start(
             &dir.path().join("scorefront.yaml"),
             Listeners {
                 http: Some(http),
-                https: None,
+                https: tls,
                 admin,
             },
         )
-        .await
-        .expect("router starts");
-        Router {
+        .await?;
+        Ok(Router {
             app: Some(app),
             http: h,
+            https: s,
             admin: a,
             dir,
-        }
+        })
     }
 
     pub fn app(&self) -> &App {
