@@ -18,6 +18,7 @@ use crate::{
     proxy::Proxy,
     server::tls::{CertStore, LoadedCert},
     spec,
+    token::issuer::Signer,
 };
 
 /// Reads and validates an endpoints file. Errors name the file, the document (1-based, and
@@ -117,9 +118,16 @@ pub struct Watcher {
     pub certs: Option<Arc<CertStore>>,
 }
 
-/// The contents of the watched files: router config, endpoints, then cert and key.
-type Contents = Vec<Option<Vec<u8>>>;
-const TLS_FILES: std::ops::Range<usize> = 2..4;
+/// The contents of the watched files (`None`: unreadable, or not configured).
+#[derive(Clone, PartialEq, Eq)]
+struct Contents {
+    /// The router config and the endpoints file.
+    config: [Option<Vec<u8>>; 2],
+    /// The https certificate and key.
+    tls: [Option<Vec<u8>>; 2],
+    /// The built-in issuer's signing key.
+    signing_key: Option<Vec<u8>>,
+}
 
 impl Watcher {
     /// Must be called right after the files were loaded (in a runtime): the files are
@@ -152,25 +160,54 @@ impl Watcher {
                     continue;
                 }
                 settling = None;
-                if forced || now[..TLS_FILES.start] != seen[..TLS_FILES.start] {
+                if forced || now.config != seen.config {
                     self.reload(forced);
                 }
-                if forced || now.get(TLS_FILES) != seen.get(TLS_FILES) {
+                if forced || now.tls != seen.tls {
                     self.reload_certs();
+                }
+                if forced || now.signing_key != seen.signing_key {
+                    self.reload_signing_key();
                 }
                 seen = now;
                 // The config may name another endpoints file now: compare against it.
-                seen[1] = read(&self.config.endpoints.file);
+                seen.config[1] = read(&self.config.endpoints.file);
             }
         }
     }
 
     fn read_all(&self) -> Contents {
-        let mut all = vec![read(&self.config_path), read(&self.config.endpoints.file)];
-        if let Some(tls) = &self.config.tls {
-            all.extend([read(&tls.cert_file), read(&tls.key_file)]);
+        let tls = self.config.tls.as_ref();
+        Contents {
+            config: [read(&self.config_path), read(&self.config.endpoints.file)],
+            tls: [
+                tls.and_then(|t| read(&t.cert_file)),
+                tls.and_then(|t| read(&t.key_file)),
+            ],
+            signing_key: (self.config.auth.token_issuer.as_ref())
+                .and_then(|t| read(&t.signing_key_file)),
         }
-        all
+    }
+
+    /// A new built-in signing key verifies tokens at once; the old one keeps verifying the
+    /// tokens it signed until they expire.
+    fn reload_signing_key(&self) {
+        let Some(ti) = &self.config.auth.token_issuer else {
+            return;
+        };
+        match Signer::load(&ti.signing_key_file, ti.issuer.clone(), ti.ttl_seconds) {
+            Ok(signer) => {
+                if self.proxy.tokens().rotate_builtin(signer.public) {
+                    tracing::info!(
+                        key = %ti.signing_key_file.display(),
+                        "token signing key changed; tokens of the previous key pass until they expire"
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::error!("token signing key not reloaded, keeping the current one: {e:#}")
+            }
+        }
     }
 
     fn reload_certs(&self) {

@@ -94,6 +94,10 @@ impl Proxy {
         &self.metrics
     }
 
+    pub fn tokens(&self) -> &Verifier {
+        &self.tokens
+    }
+
     pub fn set_max_body(&self, bytes: u64) {
         self.max_body.store(bytes, Relaxed);
     }

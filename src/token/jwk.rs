@@ -72,9 +72,15 @@ pub struct PublicKey {
     /// The key's own `alg`, if it named one.
     alg: Option<Alg>,
     material: Material,
+    /// Epoch second after which this key verifies nothing (a replaced signing key).
+    pub retire_at: Option<u64>,
 }
 
 impl PublicKey {
+    pub fn usable_at(&self, now: u64) -> bool {
+        self.retire_at.is_none_or(|t| now <= t)
+    }
+
     /// Whether this key may verify a signature made with `alg`.
     pub fn allows(&self, alg: Alg) -> bool {
         let by_type = match self.material {
@@ -154,6 +160,7 @@ impl PublicKey {
             kid: None,
             alg: Some(Alg::Es256),
             material: Material::P256(point.to_vec()),
+            retire_at: None,
         }
     }
 
@@ -163,6 +170,7 @@ impl PublicKey {
             kid: None,
             alg: Some(Alg::EdDsa),
             material: Material::Ed25519(x.to_vec()),
+            retire_at: None,
         }
     }
 }
@@ -273,6 +281,7 @@ fn parse_jwk(jwk: JwkDoc) -> Result<Option<PublicKey>, String> {
         kid: jwk.kid,
         alg,
         material,
+        retire_at: None,
     };
     if let Some(alg) = alg
         && !key.allows(alg)

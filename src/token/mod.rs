@@ -23,11 +23,13 @@ use std::{
 };
 
 use anyhow::Context;
+use arc_swap::ArcSwap;
 use tokio::{sync::watch, task::JoinHandle};
 use tokio_rustls::TlsConnector;
 
 use crate::config::AuthConfig;
 use issuer::Signer;
+use jwk::PublicKey;
 use jwks::{Jwks, KeySet, Source};
 use jws::Jws;
 
@@ -70,8 +72,11 @@ impl Reason {
 }
 
 enum Keys {
-    /// The built-in issuer's own public key.
-    Fixed(Arc<KeySet>),
+    /// The built-in issuer's public key, and replaced ones until their tokens expire.
+    Builtin {
+        keys: ArcSwap<KeySet>,
+        ttl_seconds: u64,
+    },
     Jwks(Arc<Jwks>),
 }
 
@@ -93,7 +98,7 @@ struct Issuer {
 impl Issuer {
     fn keys(&self) -> Arc<KeySet> {
         match &self.keys {
-            Keys::Fixed(k) => k.clone(),
+            Keys::Builtin { keys, .. } => keys.load_full(),
             Keys::Jwks(j) => j.current(),
         }
     }
@@ -117,10 +122,13 @@ impl Verifier {
                 name: BUILTIN.into(),
                 iss: ti.issuer.clone(),
                 audiences: Audiences::Endpoint,
-                keys: Keys::Fixed(Arc::new(KeySet {
-                    keys: vec![signer.public],
-                    generation: 0,
-                })),
+                keys: Keys::Builtin {
+                    keys: ArcSwap::from_pointee(KeySet {
+                        keys: vec![signer.public],
+                        generation: 0,
+                    }),
+                    ttl_seconds: ti.ttl_seconds,
+                },
             });
         }
         for o in &cfg.oidc {
@@ -172,9 +180,37 @@ impl Verifier {
         tasks
     }
 
-    /// The issuer names endpoints may list.
-    pub fn issuer_names(&self) -> impl Iterator<Item = &str> {
-        self.issuers.iter().map(|i| i.name.as_str())
+    /// Makes `key` the built-in issuer's signing key. The key it replaces keeps verifying
+    /// for one token lifetime (plus leeway), so tokens it signed pass until they expire.
+    /// False when `key` is the current key already, or there is no built-in issuer.
+    pub fn rotate_builtin(&self, key: PublicKey) -> bool {
+        let Some(Keys::Builtin { keys, ttl_seconds }) = self
+            .issuers
+            .iter()
+            .map(|i| &i.keys)
+            .find(|k| matches!(k, Keys::Builtin { .. }))
+        else {
+            return false;
+        };
+        let old = keys.load();
+        if old.keys.first() == Some(&key) {
+            return false;
+        }
+        let now = unix_now();
+        let retire = now + ttl_seconds + self.leeway;
+        let mut next = vec![key];
+        for k in &old.keys {
+            if k.usable_at(now) && k.kid != next[0].kid {
+                let mut k = k.clone();
+                k.retire_at = Some(k.retire_at.map_or(retire, |t| t.min(retire)));
+                next.push(k);
+            }
+        }
+        keys.store(Arc::new(KeySet {
+            keys: next,
+            generation: old.generation + 1,
+        }));
+        true
     }
 
     /// Checks `token` for `endpoint`, which trusts the issuers named in `trusted`.
@@ -209,7 +245,7 @@ impl Verifier {
         let mut candidates = keys
             .keys
             .iter()
-            .filter(|k| jws.kid.is_none() || k.kid == jws.kid)
+            .filter(|k| (jws.kid.is_none() || k.kid == jws.kid) && k.usable_at(now))
             .peekable();
         if candidates.peek().is_none() {
             return Err(Reason::UnknownKid);
@@ -322,5 +358,66 @@ impl Cache {
             map.clear();
         }
         map.insert(Self::key(endpoint, token), entry);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TokenIssuerConfig;
+    use issuer::KeyKind;
+
+    fn block_on<F: Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    #[test]
+    fn a_replaced_signing_key_verifies_its_tokens_for_one_lifetime() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old_path, new_path) = (dir.path().join("old.pem"), dir.path().join("new.pem"));
+        std::fs::write(&old_path, issuer::generate(KeyKind::Es256).unwrap()).unwrap();
+        std::fs::write(&new_path, issuer::generate(KeyKind::Ed25519).unwrap()).unwrap();
+        let cfg = AuthConfig {
+            token_issuer: Some(TokenIssuerConfig {
+                signing_key_file: old_path.clone(),
+                ttl_seconds: 600,
+                issuer: BUILTIN.into(),
+            }),
+            ..AuthConfig::default()
+        };
+        let verifier = Verifier::from_config(&cfg).unwrap();
+        let old = Signer::load(&old_path, BUILTIN.into(), 600).unwrap();
+        let new = Signer::load(&new_path, BUILTIN.into(), 600).unwrap();
+        let now = SystemTime::now();
+        let old_token = old.mint("ep", now).unwrap().access_token;
+        let new_token = new.mint("ep", now).unwrap().access_token;
+        let trusted = [BUILTIN.to_owned()];
+        let check = |t: &str| block_on(verifier.verify("ep", &trusted, t.as_bytes()));
+        assert_eq!(check(&old_token), Ok(()));
+        assert_eq!(check(&new_token), Err(Reason::UnknownKid));
+
+        assert!(verifier.rotate_builtin(new.public.clone()));
+        assert!(
+            !verifier.rotate_builtin(new.public.clone()),
+            "same key again"
+        );
+        assert_eq!(check(&new_token), Ok(()));
+        assert_eq!(
+            check(&old_token),
+            Ok(()),
+            "old tokens pass until they expire"
+        );
+        let keys = verifier.issuers[0].keys();
+        let retire = keys.keys[1].retire_at.unwrap();
+        let expected = unix_now() + 600 + 60;
+        assert!(
+            (expected - 2..=expected).contains(&retire),
+            "{retire} vs {expected}"
+        );
+        assert!(!keys.keys[1].usable_at(retire + 1));
+        assert!(keys.keys[0].retire_at.is_none());
     }
 }
