@@ -85,7 +85,6 @@ pub async fn start(config_path: &Path, listeners: Listeners) -> anyhow::Result<A
     let (drain, drain_rx) = watch::channel(false);
     let (stop, stop_rx) = watch::channel(false);
     let tokens = Arc::new(token::Verifier::from_config(&config.auth)?);
-    let mut others = tokens.spawn_refresh(&stop_rx).await;
     let proxy = Arc::new(Proxy::new(
         metrics,
         config.max_request_body_bytes,
@@ -98,7 +97,6 @@ pub async fn start(config_path: &Path, listeners: Listeners) -> anyhow::Result<A
     let mut index = Index::new(proxy.clone(), workdir, events.clone());
     index.apply(Event::Endpoints(endpoints));
     let generation = index.generation();
-    ready.set(true);
 
     let grace = config.grace_period();
     let watcher = Watcher {
@@ -108,6 +106,11 @@ pub async fn start(config_path: &Path, listeners: Listeners) -> anyhow::Result<A
         events,
         certs: tls.as_ref().map(|(store, _)| store.clone()),
     };
+    // Snapshot the files before the first JWKS fetches, which may take a while: a change
+    // made meanwhile is then seen as one.
+    let watching = watcher.run(stop_rx.clone());
+    let mut others = proxy.tokens().spawn_refresh(&stop_rx).await;
+    ready.set(true);
     let addr = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
     tracing::info!(
         http = ?addr(&listeners.http),
@@ -135,7 +138,7 @@ pub async fn start(config_path: &Path, listeners: Listeners) -> anyhow::Result<A
             ready.clone(),
             stop_rx.clone(),
         )),
-        tokio::spawn(watcher.run(stop_rx.clone())),
+        tokio::spawn(watching),
     ]);
     Ok(App {
         data,

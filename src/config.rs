@@ -318,8 +318,11 @@ impl RouterConfig {
             if let Some(ca) = &mut o.ca_file {
                 resolve(ca);
             }
-            if o.refresh_seconds == 0 {
-                anyhow::bail!("{at}: refreshSeconds must be at least 1");
+            if o.refresh_seconds == 0 || o.min_refetch_seconds == 0 {
+                anyhow::bail!(
+                    "{at}: refreshSeconds and minRefetchSeconds must be at least 1 (an unknown \
+                     kid must not make every request fetch the issuer's keys)"
+                );
             }
         }
         Ok(cfg)

@@ -250,14 +250,19 @@ fn check_secrets(cfg: &scorefront::config::RouterConfig) -> Vec<String> {
 }
 
 fn check_config(config: PathBuf) -> ExitCode {
-    let loaded = file::load_all(&config).and_then(|(cfg, endpoints)| {
-        let errors = check_secrets(&cfg);
-        if errors.is_empty() {
-            Ok((cfg, endpoints))
-        } else {
+    // Every error at once: the certificate and keys are checked even when the endpoints
+    // file has errors of its own.
+    let loaded = scorefront::config::RouterConfig::load(&config)
+        .map_err(|e| vec![format!("{e:#}")])
+        .and_then(|cfg| {
+            let mut errors = check_secrets(&cfg);
+            match file::load_endpoints_for(&cfg) {
+                Ok(endpoints) if errors.is_empty() => return Ok((cfg, endpoints)),
+                Ok(_) => {}
+                Err(more) => errors.extend(more),
+            }
             Err(errors)
-        }
-    });
+        });
     match loaded {
         Ok((cfg, endpoints)) => {
             let versions: usize = endpoints.iter().map(|e| e.versions.len()).sum();

@@ -118,13 +118,15 @@ pub struct Watcher {
     pub certs: Option<Arc<CertStore>>,
 }
 
+type TlsFiles = [Option<Vec<u8>>; 2];
+
 /// The contents of the watched files (`None`: unreadable, or not configured).
 #[derive(Clone, PartialEq, Eq)]
 struct Contents {
     /// The router config and the endpoints file.
     config: [Option<Vec<u8>>; 2],
     /// The https certificate and key.
-    tls: [Option<Vec<u8>>; 2],
+    tls: TlsFiles,
     /// The built-in issuer's signing key.
     signing_key: Option<Vec<u8>>,
 }
@@ -144,6 +146,7 @@ impl Watcher {
             // written, which may well parse (an empty file is zero endpoints). So a change
             // is applied only once it reads the same on two polls in a row.
             let mut settling = None;
+            let mut refused_tls = None;
             loop {
                 let forced = tokio::select! {
                     _ = tick.tick() => false,
@@ -163,8 +166,11 @@ impl Watcher {
                 if forced || now.config != seen.config {
                     self.reload(forced);
                 }
-                if forced || now.tls != seen.tls {
-                    self.reload_certs();
+                let mut now = now;
+                // A refused pair is tried again on every change of poll (a certificate
+                // not valid yet becomes valid by itself), but reported once.
+                if (forced || now.tls != seen.tls) && !self.reload_certs(&mut refused_tls, &now) {
+                    now.tls = seen.tls.clone();
                 }
                 if forced || now.signing_key != seen.signing_key {
                     self.reload_signing_key();
@@ -210,9 +216,11 @@ impl Watcher {
         }
     }
 
-    fn reload_certs(&self) {
+    /// Swaps in the certificate and key of `now` if they load and check out. A refusal
+    /// is logged as an error once per content (`refused` remembers the last one).
+    fn reload_certs(&self, refused: &mut Option<TlsFiles>, now: &Contents) -> bool {
         let (Some(store), Some(tls)) = (&self.certs, &self.config.tls) else {
-            return;
+            return true;
         };
         match LoadedCert::load(&tls.cert_file, &tls.key_file, std::time::SystemTime::now()) {
             Ok(cert) => {
@@ -223,8 +231,21 @@ impl Watcher {
                 );
                 self.proxy.metrics().set_cert_expiry(cert.not_after);
                 store.replace(cert);
+                *refused = None;
+                true
             }
-            Err(e) => tracing::error!("TLS certificate not reloaded, keeping the current one: {e}"),
+            Err(e) if refused.as_ref() == Some(&now.tls) => {
+                tracing::debug!("TLS certificate still refused: {e}");
+                false
+            }
+            Err(e) => {
+                tracing::error!(
+                    "TLS certificate not reloaded, keeping the current one (retrying while \
+                     the files stay as they are): {e}"
+                );
+                *refused = Some(now.tls.clone());
+                false
+            }
         }
     }
 

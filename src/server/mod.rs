@@ -99,11 +99,17 @@ pub async fn serve_data(
             Some((acceptor, timeout)) => {
                 // The handshake runs in the connection's own task, bounded in time; a
                 // failed one costs its task and socket, nothing else.
+                // A drain does not wait for handshakes: one under way when it starts is cut.
                 let handshake = handshake(acceptor.clone(), stream, *timeout);
                 let builder = builder.clone();
                 let watcher = graceful.watcher();
+                let mut draining = stop.clone();
                 connections.spawn(async move {
-                    let stream = match handshake.await {
+                    let handshake = tokio::select! {
+                        done = handshake => done,
+                        () = crate::until_true(&mut draining) => return,
+                    };
+                    let stream = match handshake {
                         Ok(s) => s,
                         Err(e) => {
                             tracing::debug!(client = %addr, "TLS handshake failed: {e}");

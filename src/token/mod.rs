@@ -255,13 +255,15 @@ impl Verifier {
         }
         let claims = &jws.claims;
         let exp = claims.exp.ok_or(Reason::MissingExp)?;
-        let not_after = exp.floor() as i64 + self.leeway as i64;
+        // Any JSON number is a valid NumericDate: `as` saturates, and so does the leeway.
+        let leeway = i64::try_from(self.leeway).unwrap_or(i64::MAX);
+        let not_after = (exp.floor() as i64).saturating_add(leeway);
         if now as i64 > not_after {
             return Err(Reason::Expired);
         }
         let not_before = claims
             .nbf
-            .map_or(i64::MIN, |nbf| nbf.ceil() as i64 - self.leeway as i64);
+            .map_or(i64::MIN, |nbf| (nbf.ceil() as i64).saturating_sub(leeway));
         if (now as i64) < not_before {
             return Err(Reason::NotYetValid);
         }
