@@ -170,14 +170,22 @@ impl Verifier {
     /// Fetches every OIDC issuer's keys once (so tokens verify from the first request),
     /// then keeps refreshing them in tasks that end when `stop` turns true.
     pub async fn spawn_refresh(&self, stop: &watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
-        let mut tasks = Vec::new();
-        for issuer in &self.issuers {
-            if let Keys::Jwks(jwks) = &issuer.keys {
-                jwks.fetch_now().await;
-                tasks.push(tokio::spawn(jwks.clone().run(stop.clone())));
-            }
+        let all: Vec<Arc<Jwks>> = (self.issuers.iter())
+            .filter_map(|i| match &i.keys {
+                Keys::Jwks(jwks) => Some(jwks.clone()),
+                Keys::Builtin { .. } => None,
+            })
+            .collect();
+        // The first fetches run side by side: start waits for the slowest, not the sum.
+        let mut first = tokio::task::JoinSet::new();
+        for jwks in &all {
+            let jwks = jwks.clone();
+            first.spawn(async move { jwks.fetch_now().await });
         }
-        tasks
+        first.join_all().await;
+        all.into_iter()
+            .map(|jwks| tokio::spawn(jwks.run(stop.clone())))
+            .collect()
     }
 
     /// Makes `key` the built-in issuer's signing key. The key it replaces keeps verifying
