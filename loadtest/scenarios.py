@@ -1,0 +1,629 @@
+#!/usr/bin/env python3
+"""Load scenarios for scorefront, each one command (see loadtest/README.md).
+
+    python3 loadtest/scenarios.py overhead [--reps 5]   direct vs scorefront vs nginx
+    python3 loadtest/scenarios.py tls [--reps 5]        the same over TLS 1.3, and handshakes
+    python3 loadtest/scenarios.py split                 10k requests over a 3-version endpoint
+    python3 loadtest/scenarios.py memory [--soak-seconds 600]
+                                                        RSS idle, with 10k idle connections,
+                                                        and over a long steady run
+    python3 loadtest/scenarios.py syscalls              syscalls per request (strace -c)
+
+Every run builds the release binaries, starts its own servers on loopback ports, stops
+them at the end, and writes `results.json` (and `report.md`) into `--out` (default
+target/scenarios/NAME). On two or more cores the load generator runs on core 0 and
+everything it loads (model and proxies) on core 1, each proxy with one worker.
+Only the Python standard library is used.
+"""
+
+import argparse
+import atexit
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RELEASE = ROOT / "target" / "release"
+KEY = "scenario-primary-key-0123456789"
+CHILDREN = []
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cores():
+    """(core for the load generator, core for everything under load), or None."""
+    n = len(os.sched_getaffinity(0))
+    return ("0", "1") if n >= 2 else None
+
+
+def pinned(core, argv):
+    return (["taskset", "-c", core] + argv) if core and shutil.which("taskset") else argv
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, what, proc, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"{what} exited with {proc.returncode}; see its log in the run folder")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    sys.exit(f"{what} did not listen on port {port} within {timeout} s")
+
+
+def start(argv, log_path, env=None, core=None):
+    out = open(log_path, "wb")
+    proc = subprocess.Popen(
+        pinned(core, argv), stdout=out, stderr=subprocess.STDOUT, env=env,
+        start_new_session=True,
+    )
+    CHILDREN.append(proc)
+    return proc
+
+
+@atexit.register
+def stop_all():
+    for p in CHILDREN:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    for p in CHILDREN:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+def build():
+    log("building release binaries (cargo build --release) ...")
+    subprocess.run(
+        ["cargo", "build", "--release", "-q", "-p", "scorefront", "-p", "loadtest"],
+        cwd=ROOT, check=True,
+    )
+
+
+def nginx_binary():
+    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if found:
+        return found
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        log("installing nginx-light ...")
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "nginx-light"], check=True)
+        return shutil.which("nginx") or "/usr/sbin/nginx"
+    sys.exit("nginx is needed for this scenario: apt-get install nginx-light")
+
+
+# ---------------------------------------------------------------------------------------
+# Process accounting from /proc
+
+def family(pid):
+    """pid and its descendants (nginx: master and workers)."""
+    kids = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            kids.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(kids.get(p, []))
+    return out
+
+
+def cpu_ns(pid):
+    """CPU time of a process family so far, in ns, summed over every thread."""
+    total = 0
+    for p in family(pid):
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                total += int((task / "schedstat").read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                pass
+    return total
+
+
+def rss_kib(pid):
+    total = 0
+    for p in family(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+# ---------------------------------------------------------------------------------------
+# The servers
+
+class Model:
+    """The sample model, one thread, answering at once."""
+
+    def __init__(self, run, core, args=()):
+        self.port = free_port()
+        self.proc = start(
+            [str(RELEASE / "sample-model"), "--listen", f"127.0.0.1:{self.port}", *args],
+            run / f"model-{self.port}.log", core=core,
+        )
+        wait_port(self.port, "sample-model", self.proc)
+        self.url = f"http://127.0.0.1:{self.port}/score"
+
+
+def endpoint_doc(name, versions):
+    lines = [
+        "apiVersion: scorefront.io/v1", "kind: ScoringEndpoint", f"metadata: {{name: {name}}}",
+        "spec:", f"  keys: {{primaryKey: {KEY}}}", "  versions:",
+    ]
+    for vname, pct, addr in versions:
+        lines.append(
+            f"    - {{name: {vname}, trafficPercentile: {pct}, "
+            f"maxConcurrentRequestsPerContainer: 1024, maxPendingRequests: 4096, "
+            f"replicas: ['{addr}']}}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+class Scorefront:
+    """scorefront with key auth, the given versions, metrics and the access log at its
+    default level (written to a file), one worker thread."""
+
+    def __init__(self, run, core, versions, tls=None):
+        self.port, self.admin = free_port(), free_port()
+        listen = f"  http: 127.0.0.1:{self.port}\n"
+        extra = ""
+        if tls:
+            self.tls_port = free_port()
+            listen += f"  https: 127.0.0.1:{self.tls_port}\n"
+            extra = f"tls: {{certFile: {tls[0]}, keyFile: {tls[1]}}}\n"
+        (run / "scorefront.yaml").write_text(
+            f"listen:\n{listen}  admin: 127.0.0.1:{self.admin}\n"
+            f"endpoints: {{file: endpoints.yaml}}\n{extra}"
+        )
+        (run / "endpoints.yaml").write_text(endpoint_doc("bench", versions))
+        env = dict(os.environ, TOKIO_WORKER_THREADS="1")
+        env.pop("RUST_LOG", None)
+        self.proc = start(
+            [str(RELEASE / "scorefront"), "serve", "--config", str(run / "scorefront.yaml")],
+            run / "scorefront.log", env=env, core=core,
+        )
+        wait_port(self.port, "scorefront", self.proc)
+        self.url = f"http://127.0.0.1:{self.port}/api/v1/endpoint/bench/score"
+        if tls:
+            self.tls_url = f"https://localhost:{self.tls_port}/api/v1/endpoint/bench/score"
+
+
+class Nginx:
+    """nginx as a reverse proxy: one worker, keep-alive to the model, access log on."""
+
+    def __init__(self, run, core, model_port, tls=None):
+        self.port = free_port()
+        nginx = run / "nginx"
+        nginx.mkdir(exist_ok=True)
+        ssl = ""
+        if tls:
+            self.tls_port = free_port()
+            ssl = (
+                f"listen 127.0.0.1:{self.tls_port} ssl; ssl_certificate {tls[0]}; "
+                f"ssl_certificate_key {tls[1]}; ssl_protocols TLSv1.3; "
+                f"ssl_ecdh_curve X25519; ssl_session_cache off; ssl_session_tickets off;"
+            )
+        temp = " ".join(
+            f"{d}_temp_path {nginx}/{d};"
+            for d in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"]
+        )
+        (nginx / "nginx.conf").write_text(f"""
+worker_processes 1;
+worker_rlimit_nofile 19000;
+daemon off;
+pid {nginx}/nginx.pid;
+error_log {nginx}/error.log warn;
+events {{ worker_connections 18000; }}
+http {{
+    access_log {nginx}/access.log;
+    {temp}
+    upstream model {{ server 127.0.0.1:{model_port}; keepalive 256; }}
+    server {{
+        listen 127.0.0.1:{self.port};
+        {ssl}
+        keepalive_requests 1000000;
+        location /api/v1/endpoint/bench/ {{
+            proxy_pass http://model/;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+""")
+        self.proc = start(
+            [nginx_binary(), "-p", str(nginx), "-e", str(nginx / "error.log"),
+             "-c", str(nginx / "nginx.conf")],
+            run / "nginx.log", core=core,
+        )
+        wait_port(self.port, "nginx", self.proc)
+        self.url = f"http://127.0.0.1:{self.port}/api/v1/endpoint/bench/score"
+        if tls:
+            self.tls_url = f"https://localhost:{self.tls_port}/api/v1/endpoint/bench/score"
+
+
+# ---------------------------------------------------------------------------------------
+# Load
+
+def load(run, name, url, args, core, headers=True, ca=None):
+    out = run / f"{name}.json"
+    argv = [str(RELEASE / "loadtest"), "--url", url, "--quiet", "--json", str(out),
+            "--body", '{"data": [1, 2, 3]}', *args]
+    if headers:
+        argv += ["-H", f"Authorization: Bearer {KEY}"]
+    if ca:
+        argv += ["--ca-file", str(ca)]
+    res = subprocess.run(pinned(core, argv), capture_output=True, text=True)
+    if res.returncode != 0 or not out.exists():
+        sys.exit(f"loadtest failed for {name}:\n{res.stdout}\n{res.stderr}")
+    return json.loads(out.read_text())
+
+
+def measure(run, name, target_pid, url, args, core, ca=None):
+    before = cpu_ns(target_pid)
+    r = load(run, name, url, args, core, ca=ca)
+    cpu = cpu_ns(target_pid) - before
+    n = max(r["responses"], 1)
+    bad = r["errors"] + sum(v for k, v in r["statuses"].items() if not k.startswith("2"))
+    if bad:
+        log(f"  warning: {name}: {bad} failed requests; statuses {r['statuses']}")
+    return {
+        "rps": r["throughput_rps"],
+        "p50_us": r["latency_us"]["p50"],
+        "p99_us": r["latency_us"]["p99"],
+        "cpu_us_per_request": cpu / 1000 / n,
+        "responses": r["responses"],
+        "failed": bad,
+    }
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def interleaved(run, reps, points, targets, core, ca=None):
+    """For every repetition and load point, each target in turn (the order rotating per
+    repetition). Returns rows[point][target] = list of measurements."""
+    rows = {p: {t: [] for t in targets} for p, _ in points}
+    names = list(targets)
+    for rep in range(reps):
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        for point, args in points:
+            for t in order:
+                pid, url = targets[t]
+                m = measure(run, f"{point}-{t}-{rep}".replace(" ", "_"), pid, url, args, core, ca)
+                rows[point][t].append(m)
+                log(f"rep {rep + 1}/{reps} {point:>10} {t:>10}: {m['rps']:9.0f} req/s  "
+                    f"p50 {m['p50_us']:6d} us  p99 {m['p99_us']:6d} us  "
+                    f"cpu {m['cpu_us_per_request']:6.1f} us/req")
+    return rows
+
+
+def ratio_table(rows, base, other, direct=None):
+    """Median over repetitions of per-repetition ratios other/base."""
+    out = {}
+    for point, by_target in rows.items():
+        b, o = by_target[base], by_target[other]
+        r = lambda key: median([x[key] / y[key] for x, y in zip(o, b) if y[key]])
+        entry = {
+            "throughput": r("rps"),
+            "p50": r("p50_us"),
+            "p99": r("p99_us"),
+            "cpu_per_request": r("cpu_us_per_request"),
+        }
+        for t, ms in by_target.items():
+            entry[f"{t}_median"] = {k: median([m[k] for m in ms])
+                                    for k in ("rps", "p50_us", "p99_us", "cpu_us_per_request")}
+        if direct:
+            d = by_target[direct]
+            for t in (base, other):
+                entry[f"{t}_added_p50_us"] = median(
+                    [x["p50_us"] - y["p50_us"] for x, y in zip(by_target[t], d)])
+        out[point] = entry
+    return out
+
+
+def markdown(table, base, other, direct=None):
+    lines = [
+        f"| load | {other}/{base} throughput | p50 | p99 | CPU/request | "
+        f"{other} CPU us/req | {base} CPU us/req | {other} req/s | {base} req/s |"
+        + (f" added p50 {other} | added p50 {base} |" if direct else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if direct else ""),
+    ]
+    for point, e in table.items():
+        o, b = e[f"{other}_median"], e[f"{base}_median"]
+        row = (f"| {point} | {e['throughput']:.2f}x | {e['p50']:.2f}x | {e['p99']:.2f}x | "
+               f"{e['cpu_per_request']:.2f}x | {o['cpu_us_per_request']:.1f} | "
+               f"{b['cpu_us_per_request']:.1f} | {o['rps']:.0f} | {b['rps']:.0f} |")
+        if direct:
+            row += f" {e[f'{other}_added_p50_us']:.0f} us | {e[f'{base}_added_p50_us']:.0f} us |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def machine():
+    model = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    return f"{os.cpu_count()} vCPU {model}, Linux {os.uname().release}"
+
+
+def finish(run, name, results, report):
+    results["machine"] = machine()
+    results["command"] = " ".join(["python3", "loadtest/scenarios.py", *sys.argv[1:]])
+    (run / "results.json").write_text(json.dumps(results, indent=2))
+    text = f"# {name}\n\n{results['machine']}\n\n`{results['command']}`\n\n{report}\n"
+    (run / "report.md").write_text(text)
+    print(text)
+    log(f"results in {run}")
+
+
+# ---------------------------------------------------------------------------------------
+# Scenarios
+
+def load_points(quick):
+    n = 5000 if quick else 30000
+    return [
+        ("1 conn", ["-c", "1", "-n", str(n // 3), "--warmup-requests", "500"]),
+        ("16 conns", ["-c", "16", "-n", str(n), "--warmup-requests", "2000"]),
+        ("64 conns", ["-c", "64", "-n", str(n), "--warmup-requests", "2000"]),
+        ("5k rps", ["-c", "64", "--rate", "5000", "-d", "2" if quick else "6",
+                    "--warmup-requests", "500"]),
+    ]
+
+
+def overhead(args, run):
+    gen, served = cores() or (None, None)
+    model = Model(run, served)
+    sf = Scorefront(run, served, [("blue", 90, f"127.0.0.1:{model.port}"),
+                                  ("green", 10, f"127.0.0.1:{model.port}")])
+    ng = Nginx(run, served, model.port)
+    targets = {
+        "direct": (model.proc.pid, model.url),
+        "scorefront": (sf.proc.pid, sf.url),
+        "nginx": (ng.proc.pid, ng.url),
+    }
+    rows = interleaved(run, args.reps, load_points(args.quick), targets, gen)
+    table = ratio_table(rows, "nginx", "scorefront", direct="direct")
+    finish(run, "overhead", {"reps": args.reps, "rows": rows, "vs_nginx": table},
+           markdown(table, "nginx", "scorefront", direct="direct")
+           + "\n\nRatios are medians of per-repetition ratios; CPU is the proxy's own "
+             "(all its threads), from /proc; added p50 is over the direct run of the "
+             "same repetition.")
+
+
+def test_pki(run):
+    """A CA and an ECDSA P-256 leaf for localhost, by the openssl command."""
+    pki = run / "pki"
+    pki.mkdir(exist_ok=True)
+    ossl = lambda *a: subprocess.run(["openssl", *a], cwd=pki, check=True, capture_output=True)
+    ossl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=scenario CA")
+    ossl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
+    (pki / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    ossl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+         "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "ext.cnf")
+    return pki / "server.crt", pki / "server.key", pki / "ca.crt"
+
+
+def tls(args, run):
+    gen, served = cores() or (None, None)
+    cert, key, ca = test_pki(run)
+    model = Model(run, served)
+    sf = Scorefront(run, served, [("blue", 90, f"127.0.0.1:{model.port}"),
+                                  ("green", 10, f"127.0.0.1:{model.port}")], tls=(cert, key))
+    ng = Nginx(run, served, model.port, tls=(cert, key))
+    targets = {"scorefront": (sf.proc.pid, sf.tls_url), "nginx": (ng.proc.pid, ng.tls_url)}
+    n = 3000 if args.quick else 20000
+    h = 500 if args.quick else 3000
+    points = [
+        ("keep-alive 16 conns", ["-c", "16", "-n", str(n), "--warmup-requests", "1000"]),
+        ("new conn per request", ["-c", "16", "-n", str(h), "--new-connection-per-request"]),
+    ]
+    rows = interleaved(run, args.reps, points, targets, gen, ca=ca)
+    table = ratio_table(rows, "nginx", "scorefront")
+    handshake = {
+        t: median([nc["cpu_us_per_request"] - ka["cpu_us_per_request"]
+                   for ka, nc in zip(rows["keep-alive 16 conns"][t],
+                                     rows["new conn per request"][t])])
+        for t in targets
+    }
+    finish(run, "tls", {"reps": args.reps, "rows": rows, "vs_nginx": table,
+                        "handshake_cpu_us": handshake},
+           markdown(table, "nginx", "scorefront")
+           + "\n\nServer CPU per full TLS 1.3 handshake (ECDSA P-256, X25519; new-connection "
+             "CPU per request minus keep-alive CPU per request): "
+           + ", ".join(f"{t} {v:.0f} us" for t, v in handshake.items()))
+
+
+def split(args, run):
+    gen, served = cores() or (None, None)
+    model = Model(run, served)
+    configured = {"blue": 60, "green": 30, "red": 10}
+    sf = Scorefront(run, served, [(v, p, f"127.0.0.1:{model.port}")
+                                  for v, p in configured.items()])
+    n = 10000
+    r = load(run, "split", sf.url, ["-c", "16", "-n", str(n)], gen)
+    seen = r["versions"]
+    chi2 = sum((seen.get(v, 0) - n * p / 100) ** 2 / (n * p / 100) for v, p in configured.items())
+    lines = ["| version | configured | observed |", "|---|---|---|"]
+    for v, p in configured.items():
+        lines.append(f"| {v} | {p} % | {100 * seen.get(v, 0) / n:.2f} % |")
+    lines.append(f"\nchi-square {chi2:.2f} with 2 degrees of freedom "
+                 f"({'consistent with' if chi2 < 9.21 else 'NOT consistent with'} the "
+                 f"configured split at the 1 % level)")
+    finish(run, "split", {"configured": configured, "observed": seen, "chi2": chi2,
+                          "statuses": r["statuses"]}, "\n".join(lines))
+
+
+def hold_idle_connections(port, count, path):
+    """Opens `count` connections, sends one request on each, reads its answer, and keeps
+    them open (idle keep-alive). Returns the sockets."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, count + 1000), hard))
+    req = (f"POST {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {KEY}\r\n"
+           f"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}").encode()
+    socks = []
+    for i in range(count):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(req)
+        socks.append(s)
+        if len(socks) % 500 == 0:
+            drain_answers(socks[-500:])
+    drain_answers(socks[len(socks) - len(socks) % 500:])
+    return socks
+
+
+def drain_answers(socks):
+    for s in socks:
+        s.settimeout(10)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(4096)
+            if not chunk:
+                raise SystemExit("a connection closed before answering")
+            data += chunk
+
+
+def memory(args, run):
+    import resource
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it
+    gen, served = cores() or (None, None)
+    model = Model(run, served)
+    sf = Scorefront(run, served, [("blue", 90, f"127.0.0.1:{model.port}"),
+                                  ("green", 10, f"127.0.0.1:{model.port}")])
+    ng = Nginx(run, served, model.port)
+    results = {}
+    idle = args.idle_connections
+    for name, proc, port in [("scorefront", sf.proc, sf.port), ("nginx", ng.proc, ng.port)]:
+        load(run, f"{name}-warm", f"http://127.0.0.1:{port}/api/v1/endpoint/bench/score",
+             ["-c", "16", "-n", "20000"], gen)
+        time.sleep(1)
+        warm = rss_kib(proc.pid)
+        socks = hold_idle_connections(port, idle, "/api/v1/endpoint/bench/score")
+        time.sleep(1)
+        held = rss_kib(proc.pid)
+        for s in socks:
+            s.close()
+        results[name] = {"rss_kib_after_warmup": warm, f"rss_kib_with_{idle}_idle": held}
+        log(f"{name}: RSS {warm / 1024:.1f} MiB after warm-up, "
+            f"{held / 1024:.1f} MiB with {idle} idle keep-alive connections")
+    # A steady open-loop run with RSS sampled along the way.
+    samples = []
+    secs = args.soak_seconds
+    if secs > 0:
+        soak = subprocess.Popen(pinned(gen, [
+            str(RELEASE / "loadtest"), "--url", sf.url, "--quiet", "--rate", "2000",
+            "-c", "32", "-d", str(secs), "-H", f"Authorization: Bearer {KEY}",
+            "--body", "{}", "--json", str(run / "soak.json")]))
+        start_t = time.monotonic()
+        while soak.poll() is None:
+            samples.append((round(time.monotonic() - start_t), rss_kib(sf.proc.pid)))
+            time.sleep(min(10, max(1, secs / 60)))
+        results["soak"] = {"seconds": secs, "rate": 2000, "rss_kib": samples}
+    lines = ["| | RSS after warm-up | RSS with %d idle connections |" % idle, "|---|---|---|"]
+    for name in ("scorefront", "nginx"):
+        r = results[name]
+        lines.append(f"| {name} | {r['rss_kib_after_warmup'] / 1024:.1f} MiB | "
+                     f"{r[f'rss_kib_with_{idle}_idle'] / 1024:.1f} MiB |")
+    if samples:
+        rss = [s[1] for s in samples]
+        lines.append(f"\nscorefront over {secs} s at 2000 req/s: RSS first "
+                     f"{rss[0] / 1024:.1f} MiB, last {rss[-1] / 1024:.1f} MiB, "
+                     f"max {max(rss) / 1024:.1f} MiB ({len(rss)} samples)")
+    finish(run, "memory", results, "\n".join(lines))
+
+
+def syscalls(args, run):
+    if not shutil.which("strace"):
+        sys.exit("strace is needed for this scenario: apt-get install strace")
+    gen, served = cores() or (None, None)
+    model = Model(run, served)
+    sf = Scorefront(run, served, [("blue", 90, f"127.0.0.1:{model.port}"),
+                                  ("green", 10, f"127.0.0.1:{model.port}")])
+    ng = Nginx(run, served, model.port)
+    n = 20000
+    results = {}
+    for name, proc, url in [("scorefront", sf.proc, sf.url), ("nginx", ng.proc, ng.url)]:
+        load(run, f"{name}-warm", url, ["-c", "16", "-n", "2000"], gen)
+        out = run / f"{name}.strace"
+        tracer = subprocess.Popen(
+            ["strace", "-c", "-f", "-o", str(out)]
+            + sum((["-p", str(p)] for p in family(proc.pid)), []),
+            stderr=subprocess.DEVNULL)
+        time.sleep(1)
+        load(run, f"{name}-traced", url, ["-c", "16", "-n", str(n)], gen)
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(timeout=30)
+        calls, by_name = 0, {}
+        for line in out.read_text().splitlines():
+            cols = line.split()
+            if len(cols) >= 5 and cols[-1] == "total":
+                calls = int(cols[3])
+            elif len(cols) >= 5 and cols[0][0].isdigit() and cols[-1] != "total":
+                by_name[cols[-1]] = int(cols[3])
+        results[name] = {"requests": n, "calls": calls, "per_request": calls / n,
+                         "top": dict(sorted(by_name.items(), key=lambda kv: -kv[1])[:8])}
+        log(f"{name}: {calls / n:.2f} syscalls per request")
+    lines = ["| | syscalls per request | most frequent |", "|---|---|---|"]
+    for name, r in results.items():
+        top = ", ".join(f"{k} {v / n:.2f}" for k, v in list(r["top"].items())[:5])
+        lines.append(f"| {name} | {r['per_request']:.2f} | {top} |")
+    finish(run, "syscalls", results, "\n".join(lines))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("scenario", choices=["overhead", "tls", "split", "memory", "syscalls"])
+    parser.add_argument("--reps", type=int, default=5, help="repetitions (overhead, tls)")
+    parser.add_argument("--quick", action="store_true", help="fewer requests per run")
+    parser.add_argument("--idle-connections", type=int, default=10000, help="memory")
+    parser.add_argument("--soak-seconds", type=int, default=600, help="memory; 0 skips it")
+    parser.add_argument("--out", type=Path, help="result folder")
+    parser.add_argument("--no-build", action="store_true", help="use the binaries as built")
+    args = parser.parse_args()
+    run = args.out or ROOT / "target" / "scenarios" / args.scenario
+    if run.exists():
+        shutil.rmtree(run)
+    run.mkdir(parents=True)
+    if not args.no_build:
+        build()
+    globals()[args.scenario](args, run)
+
+
+if __name__ == "__main__":
+    main()
