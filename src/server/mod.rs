@@ -82,7 +82,8 @@ pub async fn serve_data(
         let proxy = proxy.clone();
         let service = service_fn(move |req: Request<Incoming>| {
             let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, client).await) }
+            // Boxed, so an idle connection does not carry room for a request in flight.
+            Box::pin(async move { Ok::<_, Infallible>(proxy.handle(req, client).await) })
         });
         match &tls {
             None => {
