@@ -1,4 +1,4 @@
-//! Upstream HTTP/1.1 connections to replicas: a lock-free idle pool per replica, and one
+//! Upstream HTTP/1.1 connections to replicas: an idle pool per replica, and one
 //! send that says whether the request left scorefront or not.
 //!
 //! A request that was never written (connect failed, or a pooled connection turned out
@@ -8,13 +8,12 @@
 //! [`super::body`]) and only when the replica did not ask to close them; one idle longer
 //! than `idleTimeoutMs` is dropped instead of reused, since the replica may be closing it.
 
-use std::{io, net::SocketAddr};
+use std::{collections::VecDeque, io, net::SocketAddr, sync::Mutex};
 
 use tokio::time::Instant;
 
 use crate::config::UpstreamConfig;
 
-use crossbeam_queue::SegQueue;
 use http::{Request, Response};
 use hyper::{body::Incoming, client::conn::http1};
 use hyper_util::rt::TokioIo;
@@ -25,19 +24,31 @@ pub type RequestBody = http_body_util::Limited<Incoming>;
 /// One HTTP/1.1 connection to a replica, ready for (at most) one request at a time.
 pub type Conn = http1::SendRequest<RequestBody>;
 
-/// Idle connections of one replica. Its size is bounded by the replica's peak concurrency,
-/// since a connection only returns here after carrying a request.
+/// Idle connections of one replica, most recently used last. Its size is bounded by the
+/// replica's peak concurrency, since a connection only returns here after carrying a
+/// request.
+///
+/// The newest connection is reused first, so under steady traffic a small hot set carries
+/// the requests and the rest age out: each `take` also closes connections idle longer than
+/// the timeout at the cold end.
 #[derive(Debug, Default)]
 pub struct ConnPool {
-    /// Each with the time it went idle.
-    idle: SegQueue<(Conn, Instant)>,
+    /// Each with the time it went idle, oldest first.
+    idle: Mutex<VecDeque<(Conn, Instant)>>,
 }
 
 impl ConnPool {
     /// An open connection that has not been idle for `max_idle`; older ones are closed.
     fn take(&self, max_idle: std::time::Duration) -> Option<Conn> {
-        while let Some((conn, since)) = self.idle.pop() {
-            if !conn.is_closed() && since.elapsed() < max_idle {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        while idle
+            .front()
+            .is_some_and(|(_, since)| since.elapsed() >= max_idle)
+        {
+            idle.pop_front();
+        }
+        while let Some((conn, _)) = idle.pop_back() {
+            if !conn.is_closed() {
                 return Some(conn);
             }
         }
@@ -46,7 +57,8 @@ impl ConnPool {
 
     pub(crate) fn put(&self, conn: Conn) {
         if !conn.is_closed() {
-            self.idle.push((conn, Instant::now()));
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            idle.push_back((conn, Instant::now()));
         }
     }
 }
