@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use rand::{RngExt, distr::Alphanumeric};
 use scorefront::{
+    accesslog,
     app::{self, Listeners},
     discovery::file,
     spec::ReplicaSource,
@@ -91,12 +92,21 @@ fn init_logs(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer);
-    match format {
-        LogFormat::Text => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        .with_writer(writer.clone());
+    // The access log writes its lines itself, in the same layouts, except in colour.
+    let access = match format {
+        LogFormat::Text => {
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            builder.with_ansi(ansi).init();
+            (!ansi).then_some(accesslog::Format::Text)
+        }
+        LogFormat::Json => {
+            builder.json().flatten_event(true).init();
+            Some(accesslog::Format::Json)
+        }
+    };
+    if let Some(access) = access {
+        accesslog::install(writer, access);
     }
     guard
 }
