@@ -65,7 +65,7 @@ pub fn new_request_id() -> HeaderValue {
 }
 
 /// Headers that describe one connection, not the message: never forwarded.
-const HOP_BY_HOP: [HeaderName; 9] = [
+static HOP_BY_HOP: [HeaderName; 9] = [
     CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,
@@ -77,22 +77,56 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
+/// The index in [`HOP_BY_HOP`] of `name`, if it is one: a match on the text, which
+/// compiles to a switch on its length and rarely a comparison.
+fn hop_index(name: &HeaderName) -> Option<usize> {
+    Some(match name.as_str() {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "proxy-connection" => 2,
+        "proxy-authorization" => 3,
+        "proxy-authenticate" => 4,
+        "te" => 5,
+        "trailer" => 6,
+        "transfer-encoding" => 7,
+        "upgrade" => 8,
+        _ => return None,
+    })
+}
+
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one pass of cheap name comparisons instead of a hashed
-    // removal per name.
-    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+    // One pass of cheap name comparisons notes which are present; most messages carry
+    // none, and most others only `Connection: keep-alive`. Only those present are
+    // removed, each a hashed lookup.
+    let mut present = 0u16;
+    for k in headers.keys() {
+        if let Some(i) = hop_index(k) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(&HOP_BY_HOP) {
-        headers.remove(name);
+    if present & 1 != 0 {
+        // `Connection` is HOP_BY_HOP[0]. Its values share the message's buffer, so
+        // holding them while removing costs no copy; a second value is rare.
+        let mut values = headers.get_all(CONNECTION).iter();
+        let first = values.next().cloned();
+        let more: Vec<HeaderValue> = values.cloned().collect();
+        headers.remove(CONNECTION);
+        for v in first.iter().chain(&more) {
+            let Ok(v) = v.to_str() else { continue };
+            for name in v.split(',') {
+                // Parsed on the stack; a token that is no valid name removes nothing.
+                headers.remove(name.trim());
+            }
+        }
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate().skip(1) {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
 }
 
@@ -166,6 +200,21 @@ mod tests {
     }
 
     #[test]
+    fn hop_index_agrees_with_the_list() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_index(name), Some(i), "{name}");
+        }
+        for name in [
+            header::HOST,
+            header::USER_AGENT,
+            REQUEST_ID,
+            header::CONTENT_TYPE,
+        ] {
+            assert_eq!(hop_index(&name), None, "{name}");
+        }
+    }
+
+    #[test]
     fn hop_by_hop_and_connection_named_headers_go() {
         let mut h = HeaderMap::new();
         h.insert(
@@ -179,5 +228,15 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-kept"));
+
+        // Every Connection header counts, not only the first.
+        let mut h = HeaderMap::new();
+        h.append(CONNECTION, HeaderValue::from_static("close"));
+        h.append(CONNECTION, HeaderValue::from_static(" X-Second ,x-third"));
+        for name in ["x-second", "x-third", "upgrade", "x-kept"] {
+            h.insert(name, HeaderValue::from_static("1"));
+        }
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["x-kept"], "{h:?}");
     }
 }
