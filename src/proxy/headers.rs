@@ -1,7 +1,10 @@
 //! Header rules of DESIGN.md 1.1: request ids, what is forwarded to a replica, and what is
 //! added to every response.
 
-use std::net::SocketAddr;
+use std::{
+    cell::RefCell,
+    net::{IpAddr, SocketAddr},
+};
 
 use http::{
     HeaderMap, HeaderName, HeaderValue,
@@ -156,16 +159,35 @@ pub fn for_replica(
     {
         headers.insert(HOST, a);
     }
-    let ip = client.ip().to_string();
     let forwarded = match headers.get(&FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) => format!("{prior}, {ip}"),
-        None => ip,
+        Some(prior) => HeaderValue::from_str(&format!("{prior}, {}", client.ip())).ok(),
+        None => Some(client_ip_value(client.ip())),
     };
-    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+    if let Some(v) = forwarded {
         headers.insert(FORWARDED_FOR, v);
     }
     headers.insert(FORWARDED_PROTO, HeaderValue::from_static(scheme));
     headers.insert(REQUEST_ID, ids.request_id.clone());
+}
+
+thread_local! {
+    /// The last client address seen on this thread as a header value: consecutive
+    /// requests mostly come from the same client, and a clone shares the bytes.
+    static CLIENT_IP: RefCell<Option<(IpAddr, HeaderValue)>> = const { RefCell::new(None) };
+}
+
+/// `ip` as an `x-forwarded-for` value.
+fn client_ip_value(ip: IpAddr) -> HeaderValue {
+    let make = || HeaderValue::from_str(&ip.to_string()).expect("an IP address is a valid value");
+    CLIENT_IP
+        .try_with(|last| {
+            let mut last = last.borrow_mut();
+            match &*last {
+                Some((seen, v)) if *seen == ip => v.clone(),
+                _ => last.insert((ip, make())).1.clone(),
+            }
+        })
+        .unwrap_or_else(|_| make())
 }
 
 /// Headers every response gets once the router knows them.
