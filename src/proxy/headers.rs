@@ -63,8 +63,12 @@ fn valid_id(v: &HeaderValue) -> bool {
 
 pub fn new_request_id() -> HeaderValue {
     let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
-    HeaderValue::from_str(id).expect("a UUID is a valid header value")
+    uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+    // The id is cloned into the upstream request and two response headers. Bytes that own
+    // the array are one allocation, and their clones only count references; a header
+    // value copied from a str is another allocation, and its first clone one more.
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
+        .expect("a UUID is a valid header value")
 }
 
 /// Headers that describe one connection, not the message: never forwarded.
