@@ -168,10 +168,20 @@ fn json(buf: &mut Vec<u8>, e: &Entry<'_>, now: SystemTime) {
     buf.extend_from_slice(b",\"target\":\"scorefront::access\"}\n");
 }
 
-/// Printable ASCII other than `"` and `\`: quoted as is by both `Debug` and JSON.
+/// Bytes that `Debug` and JSON both quote as they are: printable ASCII but `"` and `\`.
+static PLAIN: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0x20;
+    while b < 0x7f {
+        t[b] = b != b'"' as usize && b != b'\\' as usize;
+        b += 1;
+    }
+    t
+};
+
+/// Whether `s` is written as is between quotes, by both `Debug` and JSON.
 fn plain(s: &str) -> bool {
-    s.bytes()
-        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    s.bytes().all(|b| PLAIN[usize::from(b)])
 }
 
 /// `s` as `{:?}` writes it.
