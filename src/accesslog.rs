@@ -12,7 +12,7 @@
 //! terminal), the line is a tracing event with the same fields, as before.
 
 use std::{
-    cell::RefCell,
+    cell::{Cell, RefCell},
     io::Write,
     sync::OnceLock,
     time::{SystemTime, UNIX_EPOCH},
@@ -238,6 +238,31 @@ fn timestamp(buf: &mut Vec<u8>, now: SystemTime) {
     // A clock before 1970 is not worth a second code path.
     let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
+    let (cached, text) = SECOND.get();
+    if cached == secs && secs != 0 {
+        buf.extend_from_slice(&text);
+    } else {
+        let start = buf.len();
+        date_time(buf, secs);
+        if let Ok(text) = buf[start..].try_into() {
+            SECOND.set((secs, text));
+        }
+    }
+    buf.push(b'.');
+    let micros = u64::from(since.subsec_micros());
+    two(buf, micros / 10_000);
+    two(buf, micros / 100 % 100);
+    two(buf, micros % 100);
+    buf.push(b'Z');
+}
+
+thread_local! {
+    /// The last second written and its `YYYY-MM-DDTHH:MM:SS`: lines mostly share it.
+    static SECOND: Cell<(u64, [u8; 19])> = const { Cell::new((0, [0; 19])) };
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` of `secs` since 1970-01-01 UTC.
+fn date_time(buf: &mut Vec<u8>, secs: u64) {
     let (days, of_day) = (secs / 86_400, secs % 86_400);
     let (year, month, day) = civil(days);
     if year > 9999 {
@@ -257,12 +282,6 @@ fn timestamp(buf: &mut Vec<u8>, now: SystemTime) {
     two(buf, of_day / 60 % 60);
     buf.push(b':');
     two(buf, of_day % 60);
-    buf.push(b'.');
-    let micros = u64::from(since.subsec_micros());
-    two(buf, micros / 10_000);
-    two(buf, micros / 100 % 100);
-    two(buf, micros % 100);
-    buf.push(b'Z');
 }
 
 /// (year, month, day) of a count of days since 1970-01-01 (proleptic Gregorian).
@@ -402,6 +421,11 @@ mod tests {
             String::from_utf8(buf).unwrap()
         };
         assert_eq!(at(0, 0), "1970-01-01T00:00:00.000000Z");
+        // The same second again (its text is reused), then the next one.
+        assert_eq!(at(1_700_000_000, 1), "2023-11-14T22:13:20.000001Z");
+        assert_eq!(at(1_700_000_000, 999_999), "2023-11-14T22:13:20.999999Z");
+        assert_eq!(at(1_700_000_001, 5), "2023-11-14T22:13:21.000005Z");
+        assert_eq!(at(0, 10), "1970-01-01T00:00:00.000010Z");
         assert_eq!(at(951_782_400, 7), "2000-02-29T00:00:00.000007Z");
         assert_eq!(at(1_709_251_199, 999_999), "2024-02-29T23:59:59.999999Z");
         assert_eq!(at(4_102_444_800, 120_000), "2100-01-01T00:00:00.120000Z");
