@@ -4,6 +4,7 @@
 //! endpoint sources into routing tables; [`server`] owns listeners and the admin port;
 //! [`app`] wires them together and runs the lifecycle.
 
+pub mod accesslog;
 pub mod app;
 pub mod config;
 pub mod discovery;

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use rand::{RngExt, distr::Alphanumeric};
 use scorefront::{
+    accesslog,
     app::{self, Listeners},
     discovery::file,
     server::tls::LoadedCert,
@@ -174,20 +175,35 @@ fn mint(config: &std::path::Path, endpoint: &str) -> anyhow::Result<()> {
 /// Logs go to stderr through a writer thread, so a request never waits on a write
 /// syscall for its access-log line. The writer blocks rather than drop lines when it falls
 /// behind; the returned guard flushes what is left at exit.
+///
+/// The writer thread flushes each time it has written every line waiting for it, so under
+/// load one write(2) carries many lines instead of one each (never a partial line).
 fn init_logs(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
-        .finish(std::io::stderr());
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stderr(),
+        ));
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer);
-    match format {
-        LogFormat::Text => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        .with_writer(writer.clone());
+    // The access log writes its lines itself, in the same layouts, except in colour.
+    let access = match format {
+        LogFormat::Text => {
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            builder.with_ansi(ansi).init();
+            (!ansi).then_some(accesslog::Format::Text)
+        }
+        LogFormat::Json => {
+            builder.json().flatten_event(true).init();
+            Some(accesslog::Format::Json)
+        }
+    };
+    if let Some(access) = access {
+        accesslog::install(writer, access);
     }
     guard
 }

@@ -24,7 +24,7 @@ use super::{
     slots::Slot,
     table::{EndpointRoute, VersionRoute},
 };
-use crate::metrics::Metrics;
+use crate::{accesslog, metrics::Metrics};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -182,19 +182,22 @@ impl Drop for Record {
         }
         // Whole microseconds; -1 for a phase the request never reached.
         let us = |d: Option<Duration>| d.map_or(-1, |d| d.as_micros() as i64);
-        tracing::info!(
-            target: "scorefront::access",
-            request_id = self.ids.as_ref().and_then(|i| i.request_id.to_str().ok()).unwrap_or(""),
-            method = %self.method,
-            path = self.uri.path(),
+        accesslog::write(&accesslog::Entry {
+            request_id: self
+                .ids
+                .as_ref()
+                .and_then(|i| i.request_id.to_str().ok())
+                .unwrap_or(""),
+            method: self.method.as_str(),
+            path: self.uri.path(),
             endpoint,
             version,
-            status = self.status.as_u16(),
-            code = self.code.unwrap_or(""),
-            duration_us = elapsed.as_micros() as u64,
-            queue_us = us(self.queue_wait),
-            upstream_us = us(self.upstream),
-            outcome = self.outcome,
-        );
+            status: self.status.as_u16(),
+            code: self.code.unwrap_or(""),
+            duration_us: elapsed.as_micros() as u64,
+            queue_us: us(self.queue_wait),
+            upstream_us: us(self.upstream),
+            outcome: self.outcome,
+        });
     }
 }

@@ -1,7 +1,10 @@
 //! Header rules of DESIGN.md 1.1: request ids, what is forwarded to a replica, and what is
 //! added to every response.
 
-use std::net::SocketAddr;
+use std::{
+    cell::RefCell,
+    net::{IpAddr, SocketAddr},
+};
 
 use http::{
     HeaderMap, HeaderName, HeaderValue,
@@ -60,12 +63,16 @@ fn valid_id(v: &HeaderValue) -> bool {
 
 pub fn new_request_id() -> HeaderValue {
     let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
-    HeaderValue::from_str(id).expect("a UUID is a valid header value")
+    uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+    // The id is cloned into the upstream request and two response headers. Bytes that own
+    // the array are one allocation, and their clones only count references; a header
+    // value copied from a str is another allocation, and its first clone one more.
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
+        .expect("a UUID is a valid header value")
 }
 
 /// Headers that describe one connection, not the message: never forwarded.
-const HOP_BY_HOP: [HeaderName; 9] = [
+static HOP_BY_HOP: [HeaderName; 9] = [
     CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,
@@ -77,22 +84,56 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
+/// The index in [`HOP_BY_HOP`] of `name`, if it is one: a match on the text, which
+/// compiles to a switch on its length and rarely a comparison.
+fn hop_index(name: &HeaderName) -> Option<usize> {
+    Some(match name.as_str() {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "proxy-connection" => 2,
+        "proxy-authorization" => 3,
+        "proxy-authenticate" => 4,
+        "te" => 5,
+        "trailer" => 6,
+        "transfer-encoding" => 7,
+        "upgrade" => 8,
+        _ => return None,
+    })
+}
+
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one pass of cheap name comparisons instead of a hashed
-    // removal per name.
-    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+    // One pass of cheap name comparisons notes which are present; most messages carry
+    // none, and most others only `Connection: keep-alive`. Only those present are
+    // removed, each a hashed lookup.
+    let mut present = 0u16;
+    for k in headers.keys() {
+        if let Some(i) = hop_index(k) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(&HOP_BY_HOP) {
-        headers.remove(name);
+    if present & 1 != 0 {
+        // `Connection` is HOP_BY_HOP[0]. Its values share the message's buffer, so
+        // holding them while removing costs no copy; a second value is rare.
+        let mut values = headers.get_all(CONNECTION).iter();
+        let first = values.next().cloned();
+        let more: Vec<HeaderValue> = values.cloned().collect();
+        headers.remove(CONNECTION);
+        for v in first.iter().chain(&more) {
+            let Ok(v) = v.to_str() else { continue };
+            for name in v.split(',') {
+                // Parsed on the stack; a token that is no valid name removes nothing.
+                headers.remove(name.trim());
+            }
+        }
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate().skip(1) {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
 }
 
@@ -122,16 +163,35 @@ pub fn for_replica(
     {
         headers.insert(HOST, a);
     }
-    let ip = client.ip().to_string();
     let forwarded = match headers.get(&FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) => format!("{prior}, {ip}"),
-        None => ip,
+        Some(prior) => HeaderValue::from_str(&format!("{prior}, {}", client.ip())).ok(),
+        None => Some(client_ip_value(client.ip())),
     };
-    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+    if let Some(v) = forwarded {
         headers.insert(FORWARDED_FOR, v);
     }
     headers.insert(FORWARDED_PROTO, HeaderValue::from_static(scheme));
     headers.insert(REQUEST_ID, ids.request_id.clone());
+}
+
+thread_local! {
+    /// The last client address seen on this thread as a header value: consecutive
+    /// requests mostly come from the same client, and a clone shares the bytes.
+    static CLIENT_IP: RefCell<Option<(IpAddr, HeaderValue)>> = const { RefCell::new(None) };
+}
+
+/// `ip` as an `x-forwarded-for` value.
+fn client_ip_value(ip: IpAddr) -> HeaderValue {
+    let make = || HeaderValue::from_str(&ip.to_string()).expect("an IP address is a valid value");
+    CLIENT_IP
+        .try_with(|last| {
+            let mut last = last.borrow_mut();
+            match &*last {
+                Some((seen, v)) if *seen == ip => v.clone(),
+                _ => last.insert((ip, make())).1.clone(),
+            }
+        })
+        .unwrap_or_else(|_| make())
 }
 
 /// Headers every response gets once the router knows them.
@@ -166,6 +226,21 @@ mod tests {
     }
 
     #[test]
+    fn hop_index_agrees_with_the_list() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_index(name), Some(i), "{name}");
+        }
+        for name in [
+            header::HOST,
+            header::USER_AGENT,
+            REQUEST_ID,
+            header::CONTENT_TYPE,
+        ] {
+            assert_eq!(hop_index(&name), None, "{name}");
+        }
+    }
+
+    #[test]
     fn hop_by_hop_and_connection_named_headers_go() {
         let mut h = HeaderMap::new();
         h.insert(
@@ -179,5 +254,15 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-kept"));
+
+        // Every Connection header counts, not only the first.
+        let mut h = HeaderMap::new();
+        h.append(CONNECTION, HeaderValue::from_static("close"));
+        h.append(CONNECTION, HeaderValue::from_static(" X-Second ,x-third"));
+        for name in ["x-second", "x-third", "upgrade", "x-kept"] {
+            h.insert(name, HeaderValue::from_static("1"));
+        }
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["x-kept"], "{h:?}");
     }
 }
