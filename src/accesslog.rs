@@ -18,7 +18,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use tracing_appender::non_blocking::NonBlocking;
+use crate::logwriter::LogWriter;
 
 /// The target of access-log lines, for filters.
 pub const TARGET: &str = "scorefront::access";
@@ -51,7 +51,7 @@ enum Sink {
     /// The filter turns the access log off.
     Off,
     On {
-        writer: NonBlocking,
+        writer: LogWriter,
         format: Format,
     },
 }
@@ -60,7 +60,7 @@ static SINK: OnceLock<Sink> = OnceLock::new();
 
 /// Sends access-log lines straight to `writer` in `format` from now on. Call once, after the
 /// global subscriber is installed: whether the target is enabled is read from it here.
-pub fn install(writer: NonBlocking, format: Format) {
+pub fn install(writer: LogWriter, format: Format) {
     let sink = if tracing::enabled!(target: TARGET, tracing::Level::INFO) {
         Sink::On { writer, format }
     } else {
@@ -70,9 +70,8 @@ pub fn install(writer: NonBlocking, format: Format) {
 }
 
 thread_local! {
-    /// The line being written, reused; and this thread's handle on the writer.
-    static LINE: RefCell<(Vec<u8>, Option<NonBlocking>)> =
-        const { RefCell::new((Vec::new(), None)) };
+    /// The line being written, reused.
+    static LINE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Writes the access-log line of one request.
@@ -82,16 +81,15 @@ pub fn write(entry: &Entry<'_>) {
         Some(Sink::On { writer, format }) => {
             let now = SystemTime::now();
             let _ = LINE.try_with(|line| {
-                let Ok(mut line) = line.try_borrow_mut() else {
+                let Ok(mut buf) = line.try_borrow_mut() else {
                     return;
                 };
-                let (buf, own) = &mut *line;
                 buf.clear();
                 match format {
-                    Format::Text => text(buf, entry, now),
-                    Format::Json => json(buf, entry, now),
+                    Format::Text => text(&mut buf, entry, now),
+                    Format::Json => json(&mut buf, entry, now),
                 }
-                let _ = own.get_or_insert_with(|| writer.clone()).write_all(buf);
+                writer.append(&buf);
             });
         }
         None => tracing::info!(

@@ -9,6 +9,7 @@ pub mod app;
 pub mod config;
 pub mod discovery;
 pub mod error;
+pub mod logwriter;
 pub mod metrics;
 pub mod proxy;
 pub mod server;

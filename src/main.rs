@@ -11,6 +11,7 @@ use scorefront::{
     accesslog,
     app::{self, Listeners},
     discovery::file,
+    logwriter::{self, LogWriter},
     server::tls::LoadedCert,
     spec::{Auth, ReplicaSource},
     token::{
@@ -172,19 +173,11 @@ fn mint(config: &std::path::Path, endpoint: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Logs go to stderr through a writer thread, so a request never waits on a write
-/// syscall for its access-log line. The writer blocks rather than drop lines when it falls
-/// behind; the returned guard flushes what is left at exit.
-///
-/// The writer thread flushes each time it has written every line waiting for it, so under
-/// load one write(2) carries many lines instead of one each (never a partial line).
-fn init_logs(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .finish(std::io::BufWriter::with_capacity(
-            64 * 1024,
-            std::io::stderr(),
-        ));
+/// Logs go to stderr through [`LogWriter`]'s thread, in batches, so a request never waits
+/// on a write syscall for its access-log line; lines are never dropped. The returned
+/// guard writes what is left at exit.
+fn init_logs(format: LogFormat) -> logwriter::Flush {
+    let (writer, flush) = LogWriter::spawn(std::io::stderr());
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -205,7 +198,7 @@ fn init_logs(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     if let Some(access) = access {
         accesslog::install(writer, access);
     }
-    guard
+    flush
 }
 
 async fn serve(config: PathBuf) -> anyhow::Result<()> {
