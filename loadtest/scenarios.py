@@ -8,6 +8,7 @@
                                                         RSS idle, with 10k idle connections,
                                                         and over a long steady run
     python3 loadtest/scenarios.py syscalls              syscalls per request (strace -c)
+    python3 loadtest/scenarios.py instructions          instructions per request (callgrind)
 
 Every run builds the release binaries, starts its own servers on loopback ports, stops
 them at the end, and writes `results.json` (and `report.md`) into `--out` (default
@@ -193,7 +194,7 @@ class Scorefront:
     """scorefront with key auth, the given versions, metrics and the access log at its
     default level (written to a file), one worker thread."""
 
-    def __init__(self, run, core, versions, tls=None):
+    def __init__(self, run, core, versions, tls=None, wrap=()):
         self.port, self.admin = free_port(), free_port()
         listen = f"  http: 127.0.0.1:{self.port}\n"
         extra = ""
@@ -209,19 +210,21 @@ class Scorefront:
         env = dict(os.environ, TOKIO_WORKER_THREADS="1")
         env.pop("RUST_LOG", None)
         self.proc = start(
-            [str(RELEASE / "scorefront"), "serve", "--config", str(run / "scorefront.yaml")],
+            [*wrap, str(RELEASE / "scorefront"), "serve", "--config",
+             str(run / "scorefront.yaml")],
             run / "scorefront.log", env=env, core=core,
         )
-        wait_port(self.port, "scorefront", self.proc)
+        wait_port(self.port, "scorefront", self.proc, timeout=60 if wrap else 20)
         self.url = f"http://127.0.0.1:{self.port}/api/v1/endpoint/bench/score"
         if tls:
             self.tls_url = f"https://localhost:{self.tls_port}/api/v1/endpoint/bench/score"
 
 
 class Nginx:
-    """nginx as a reverse proxy: one worker, keep-alive to the model, access log on."""
+    """nginx as a reverse proxy: one worker, keep-alive to the model, access log on.
+    With `wrap` (a command to run it under), the worker is the master process itself."""
 
-    def __init__(self, run, core, model_port, tls=None):
+    def __init__(self, run, core, model_port, tls=None, wrap=()):
         self.port = free_port()
         nginx = run / "nginx"
         nginx.mkdir(exist_ok=True)
@@ -237,7 +240,9 @@ class Nginx:
             f"{d}_temp_path {nginx}/{d};"
             for d in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"]
         )
+        single = "master_process off;" if wrap else ""
         (nginx / "nginx.conf").write_text(f"""
+{single}
 worker_processes 1;
 worker_rlimit_nofile 19000;
 daemon off;
@@ -261,11 +266,11 @@ http {{
 }}
 """)
         self.proc = start(
-            [nginx_binary(), "-p", str(nginx), "-e", str(nginx / "error.log"),
+            [*wrap, nginx_binary(), "-p", str(nginx), "-e", str(nginx / "error.log"),
              "-c", str(nginx / "nginx.conf")],
             run / "nginx.log", core=core,
         )
-        wait_port(self.port, "nginx", self.proc)
+        wait_port(self.port, "nginx", self.proc, timeout=60 if wrap else 20)
         self.url = f"http://127.0.0.1:{self.port}/api/v1/endpoint/bench/score"
         if tls:
             self.tls_url = f"https://localhost:{self.tls_port}/api/v1/endpoint/bench/score"
@@ -288,10 +293,19 @@ def load(run, name, url, args, core, headers=True, ca=None):
     return json.loads(out.read_text())
 
 
+def cpu_times():
+    """Whole-machine jiffies from /proc/stat: user, nice, system, idle, iowait, irq,
+    softirq, steal."""
+    return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+
+
 def measure(run, name, target_pid, url, args, core, ca=None):
-    before = cpu_ns(target_pid)
+    before, machine_before = cpu_ns(target_pid), cpu_times()
     r = load(run, name, url, args, core, ca=ca)
     cpu = cpu_ns(target_pid) - before
+    spent = [b - a for a, b in zip(machine_before, cpu_times())]
+    # Time the hypervisor gave to someone else: runs under heavy steal are noisy.
+    steal = 100 * spent[7] / max(sum(spent), 1)
     n = max(r["responses"], 1)
     bad = r["errors"] + sum(v for k, v in r["statuses"].items() if not k.startswith("2"))
     if bad:
@@ -303,6 +317,7 @@ def measure(run, name, target_pid, url, args, core, ca=None):
         "cpu_us_per_request": cpu / 1000 / n,
         "responses": r["responses"],
         "failed": bad,
+        "steal_pct": steal,
     }
 
 
@@ -324,7 +339,7 @@ def interleaved(run, reps, points, targets, core, ca=None):
                 rows[point][t].append(m)
                 log(f"rep {rep + 1}/{reps} {point:>10} {t:>10}: {m['rps']:9.0f} req/s  "
                     f"p50 {m['p50_us']:6d} us  p99 {m['p99_us']:6d} us  "
-                    f"cpu {m['cpu_us_per_request']:6.1f} us/req")
+                    f"cpu {m['cpu_us_per_request']:6.1f} us/req  steal {m['steal_pct']:3.0f}%")
     return rows
 
 
@@ -342,7 +357,8 @@ def ratio_table(rows, base, other, direct=None):
         }
         for t, ms in by_target.items():
             entry[f"{t}_median"] = {k: median([m[k] for m in ms])
-                                    for k in ("rps", "p50_us", "p99_us", "cpu_us_per_request")}
+                                    for k in ("rps", "p50_us", "p99_us", "cpu_us_per_request",
+                                              "steal_pct")}
         if direct:
             d = by_target[direct]
             for t in (base, other):
@@ -356,8 +372,8 @@ def markdown(table, base, other, direct=None):
     lines = [
         f"| load | {other}/{base} throughput | p50 | p99 | CPU/request | "
         f"{other} CPU us/req | {base} CPU us/req | {other} req/s | {base} req/s |"
-        + (f" added p50 {other} | added p50 {base} |" if direct else ""),
-        "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if direct else ""),
+        + (f" added p50 {other} | added p50 {base} |" if direct else "") + " steal |",
+        "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if direct else "") + "---|",
     ]
     for point, e in table.items():
         o, b = e[f"{other}_median"], e[f"{base}_median"]
@@ -366,6 +382,7 @@ def markdown(table, base, other, direct=None):
                f"{b['cpu_us_per_request']:.1f} | {o['rps']:.0f} | {b['rps']:.0f} |")
         if direct:
             row += f" {e[f'{other}_added_p50_us']:.0f} us | {e[f'{base}_added_p50_us']:.0f} us |"
+        row += f" {max(o['steal_pct'], b['steal_pct']):.0f} % |"
         lines.append(row)
     return "\n".join(lines)
 
@@ -420,7 +437,8 @@ def overhead(args, run):
            markdown(table, "nginx", "scorefront", direct="direct")
            + "\n\nRatios are medians of per-repetition ratios; CPU is the proxy's own "
              "(all its threads), from /proc; added p50 is over the direct run of the "
-             "same repetition.")
+             "same repetition; steal is the median share of machine time the hypervisor "
+             "took during the runs (high steal makes wall-clock figures noisy).")
 
 
 def test_pki(run):
@@ -606,9 +624,48 @@ def syscalls(args, run):
     finish(run, "syscalls", results, "\n".join(lines))
 
 
+def instructions(args, run):
+    """Instructions per proxied request, counted by callgrind: deterministic, so it
+    compares builds and proxies even on a noisy machine (it leaves out the kernel)."""
+    if not shutil.which("valgrind"):
+        sys.exit("valgrind is needed for this scenario: apt-get install valgrind")
+    gen, served = cores() or (None, None)
+    model = Model(run, served)
+    versions = [("blue", 90, f"127.0.0.1:{model.port}"), ("green", 10, f"127.0.0.1:{model.port}")]
+    n = 20000
+    results = {}
+    for name in ("scorefront", "nginx"):
+        out = run / f"{name}.callgrind"
+        wrap = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+        proxy = (Scorefront(run, served, versions, wrap=wrap) if name == "scorefront"
+                 else Nginx(run, served, model.port, wrap=wrap))
+        load(run, f"{name}-warm", proxy.url, ["-c", "16", "-n", "2000"], gen)
+        subprocess.run(["callgrind_control", "-z", str(proxy.proc.pid)], check=True,
+                       capture_output=True)
+        load(run, f"{name}-counted", proxy.url, ["-c", "16", "-n", str(n)], gen)
+        subprocess.run(["callgrind_control", "-d", str(proxy.proc.pid)], check=True,
+                       capture_output=True)
+        dumps = sorted(run.glob(f"{name}.callgrind.*"), key=lambda p: p.stat().st_mtime)
+        total = 0
+        for line in dumps[-1].read_text().splitlines():
+            if line.startswith(("summary:", "totals:")):
+                total = int(line.split()[1])
+        os.killpg(proxy.proc.pid, signal.SIGTERM)
+        proxy.proc.wait(timeout=60)
+        results[name] = {"requests": n, "instructions": total, "per_request": total / n}
+        log(f"{name}: {total / n:.0f} instructions per request")
+    ratio = results["scorefront"]["per_request"] / results["nginx"]["per_request"]
+    finish(run, "instructions", results, "\n".join([
+        "| | instructions per request (user space) |", "|---|---|",
+        *(f"| {k} | {v['per_request']:.0f} |" for k, v in results.items()),
+        f"\nscorefront/nginx: {ratio:.2f}x",
+    ]))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("scenario", choices=["overhead", "tls", "split", "memory", "syscalls"])
+    parser.add_argument("scenario", choices=["overhead", "tls", "split", "memory", "syscalls",
+                                             "instructions"])
     parser.add_argument("--reps", type=int, default=5, help="repetitions (overhead, tls)")
     parser.add_argument("--quick", action="store_true", help="fewer requests per run")
     parser.add_argument("--idle-connections", type=int, default=10000, help="memory")
@@ -616,7 +673,7 @@ def main():
     parser.add_argument("--out", type=Path, help="result folder")
     parser.add_argument("--no-build", action="store_true", help="use the binaries as built")
     args = parser.parse_args()
-    run = args.out or ROOT / "target" / "scenarios" / args.scenario
+    run = (args.out or ROOT / "target" / "scenarios" / args.scenario).resolve()
     if run.exists():
         shutil.rmtree(run)
     run.mkdir(parents=True)
