@@ -547,20 +547,14 @@ def memory(args, run):
     ng = Nginx(run, served, model.port)
     results = {}
     idle = args.idle_connections
+    warm = {}
     for name, proc, port in [("scorefront", sf.proc, sf.port), ("nginx", ng.proc, ng.port)]:
         load(run, f"{name}-warm", f"http://127.0.0.1:{port}/api/v1/endpoint/bench/score",
              ["-c", "16", "-n", "20000"], gen)
         time.sleep(1)
-        warm = rss_kib(proc.pid)
-        socks = hold_idle_connections(port, idle, "/api/v1/endpoint/bench/score")
-        time.sleep(1)
-        held = rss_kib(proc.pid)
-        for s in socks:
-            s.close()
-        results[name] = {"rss_kib_after_warmup": warm, f"rss_kib_with_{idle}_idle": held}
-        log(f"{name}: RSS {warm / 1024:.1f} MiB after warm-up, "
-            f"{held / 1024:.1f} MiB with {idle} idle keep-alive connections")
-    # A steady open-loop run with RSS sampled along the way.
+        warm[name] = rss_kib(proc.pid)
+    # First a steady open-loop run with RSS sampled along the way (before the idle
+    # connections below, whose freed memory the allocator keeps and would hide growth).
     samples = []
     secs = args.soak_seconds
     if secs > 0:
@@ -573,6 +567,15 @@ def memory(args, run):
             samples.append((round(time.monotonic() - start_t), rss_kib(sf.proc.pid)))
             time.sleep(min(10, max(1, secs / 60)))
         results["soak"] = {"seconds": secs, "rate": 2000, "rss_kib": samples}
+    for name, proc, port in [("scorefront", sf.proc, sf.port), ("nginx", ng.proc, ng.port)]:
+        socks = hold_idle_connections(port, idle, "/api/v1/endpoint/bench/score")
+        time.sleep(1)
+        held = rss_kib(proc.pid)
+        for s in socks:
+            s.close()
+        results[name] = {"rss_kib_after_warmup": warm[name], f"rss_kib_with_{idle}_idle": held}
+        log(f"{name}: RSS {warm[name] / 1024:.1f} MiB after warm-up, "
+            f"{held / 1024:.1f} MiB with {idle} idle keep-alive connections")
     lines = ["| | RSS after warm-up | RSS with %d idle connections |" % idle, "|---|---|---|"]
     for name in ("scorefront", "nginx"):
         r = results[name]
