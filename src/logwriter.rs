@@ -41,6 +41,8 @@ struct State {
     pending: Vec<u8>,
     /// The writer thread waits for a first line (not gathering a batch).
     idle: bool,
+    /// Loggers waiting for room (a wake-up is a syscall, so only when someone waits).
+    blocked: usize,
     closed: bool,
 }
 
@@ -80,11 +82,13 @@ impl LogWriter {
     pub fn append(&self, line: &[u8]) {
         let mut state = self.shared.lock();
         while state.pending.len() > MAX_PENDING && !state.closed {
+            state.blocked += 1;
             state = self
                 .shared
                 .room
                 .wait(state)
                 .unwrap_or_else(|e| e.into_inner());
+            state.blocked -= 1;
         }
         let before = state.pending.len();
         state.pending.extend_from_slice(line);
@@ -121,7 +125,9 @@ fn write_batches(shared: &Shared, mut out: impl Write) {
         }
         std::mem::swap(&mut state.pending, &mut batch);
         let closed = state.closed;
-        shared.room.notify_all();
+        if state.blocked > 0 {
+            shared.room.notify_all();
+        }
         drop(state);
         if !batch.is_empty() {
             // A log that cannot be written has nowhere to report that; carry on.
