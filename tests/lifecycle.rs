@@ -1042,22 +1042,6 @@ async fn binary_killed_outright_leaves_no_orphans() {
     }
 }
 
-/// Runs `scorefront check-config --config {config}`: (exit code, stdout, stderr).
-async fn check_config(config: &Path) -> (Option<i32>, String, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_scorefront"))
-        .arg("check-config")
-        .arg("--config")
-        .arg(config)
-        .output()
-        .await
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
-}
-
 #[tokio::test]
 async fn check_config_summarises_or_lists_every_error() {
     let dir = tempfile::tempdir().unwrap();

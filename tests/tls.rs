@@ -9,7 +9,6 @@ mod support;
 use std::{
     net::SocketAddr,
     path::Path,
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -799,27 +798,18 @@ async fn start_refuses_missing_mismatched_expired_and_unreadable_certificates() 
 
 /// Runs `scorefront check-config` on `config` written to a new folder with `files`;
 /// returns the exit code, stdout and stderr.
-fn check_config(config: &str, files: &[(&str, &[u8])]) -> (i32, String, String) {
+async fn check_config_with(config: &str, files: &[(&str, &[u8])]) -> (i32, String, String) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("scorefront.yaml"), config).unwrap();
     for (name, contents) in files {
         std::fs::write(dir.path().join(name), contents).unwrap();
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_scorefront"))
-        .arg("check-config")
-        .arg("--config")
-        .arg(dir.path().join("scorefront.yaml"))
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let (code, stdout, stderr) = check_config(&dir.path().join("scorefront.yaml")).await;
+    (code.unwrap_or(-1), stdout, stderr)
 }
 
-#[test]
-fn check_config_reports_certificate_problems() {
+#[tokio::test]
+async fn check_config_reports_certificate_problems() {
     let ca = TestCa::new("test root");
     let (a, b) = (ca.leaf(), ca.leaf());
     let expired = ca.issue(&LeafSpec::default().expired());
@@ -834,7 +824,7 @@ fn check_config_reports_certificate_problems() {
         ("server.crt", a.chain_pem.as_bytes()),
         ("server.key", a.key_pem.as_bytes()),
     ];
-    let (code, stdout, stderr) = check_config(&config, &good);
+    let (code, stdout, stderr) = check_config_with(&config, &good).await;
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(stdout.starts_with("ok: 1 endpoint(s)"), "{stdout}");
 
@@ -867,7 +857,7 @@ fn check_config_reports_certificate_problems() {
         ),
     ];
     for (what, files, wants) in cases {
-        let (code, stdout, stderr) = check_config(&config, &files);
+        let (code, stdout, stderr) = check_config_with(&config, &files).await;
         assert_eq!(code, 1, "{what}: {stdout}{stderr}");
         assert!(stderr.contains("error: tls: "), "{what}: {stderr}");
         for want in wants {
@@ -877,10 +867,11 @@ fn check_config_reports_certificate_problems() {
     }
 
     // listen.https without tls.
-    let (code, _, stderr) = check_config(
+    let (code, _, stderr) = check_config_with(
         &router_config("listen: {https: '127.0.0.1:8443'}\n"),
         &[("endpoints.yaml", endpoints.as_bytes())],
-    );
+    )
+    .await;
     assert_eq!(code, 1, "{stderr}");
     assert!(
         stderr.contains("listen.https needs tls.certFile and tls.keyFile"),
@@ -890,10 +881,11 @@ fn check_config_reports_certificate_problems() {
 
 /// check-config promises "every error": a certificate problem should be listed along
 /// with an endpoints file problem.
-#[test]
-fn check_config_lists_certificate_and_endpoint_errors_together() {
+#[tokio::test]
+async fn check_config_lists_certificate_and_endpoint_errors_together() {
     let config = router_config("tls: {certFile: server.crt, keyFile: server.key}\n");
-    let (code, _, stderr) = check_config(&config, &[("endpoints.yaml", b"kind: Nonsense\n")]);
+    let (code, _, stderr) =
+        check_config_with(&config, &[("endpoints.yaml", b"kind: Nonsense\n")]).await;
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("endpoints.yaml"), "{stderr}");
     assert!(

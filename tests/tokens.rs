@@ -124,31 +124,8 @@ async fn refused(
     );
 }
 
-/// Runs the real binary with `args`: (exit code, stdout, stderr).
-async fn scorefront(args: &[&std::ffi::OsStr]) -> (Option<i32>, String, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_scorefront"))
-        .args(args)
-        .output()
-        .await
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
-}
-
-async fn check_config(config: &Path) -> (Option<i32>, String, String) {
-    scorefront(&[
-        "check-config".as_ref(),
-        "--config".as_ref(),
-        config.as_os_str(),
-    ])
-    .await
-}
-
 async fn mint(config: &Path, endpoint: &str) -> (Option<i32>, String, String) {
-    scorefront(&[
+    run_scorefront(&[
         "token".as_ref(),
         "--config".as_ref(),
         config.as_os_str(),
@@ -156,6 +133,25 @@ async fn mint(config: &Path, endpoint: &str) -> (Option<i32>, String, String) {
         endpoint.as_ref(),
     ])
     .await
+}
+
+/// A router with one endpoint, `scoring`, that trusts only the OIDC issuer `idp` whose keys
+/// `server` publishes; `settings` are more fields of that issuer.
+async fn idp_router(server: &JwksServer, settings: &str, model: &Model) -> Router {
+    let issuer = oidc(
+        "idp",
+        IDP_ISS,
+        &format!("jwksUri: '{}'", server.url()),
+        settings,
+    );
+    Router::try_start(
+        &auth_config(None, &[issuer]),
+        &token_endpoint("scoring", Some(&["idp"]), &[model.addr]),
+        &[],
+        false,
+    )
+    .await
+    .expect("router starts")
 }
 
 /// Waits until `server` has been asked at least `n` times.
@@ -171,23 +167,7 @@ async fn oidc_tokens_of_every_allowed_algorithm_are_accepted() {
     let idp = TestIssuer::new(IDP_ISS, IDP_AUD, "k1");
     let server = JwksServer::start(&idp.jwks()).await;
     let model = Model::start("m").await;
-    let config = auth_config(
-        None,
-        &[oidc(
-            "idp",
-            IDP_ISS,
-            &format!("jwksUri: '{}'", server.url()),
-            "",
-        )],
-    );
-    let router = Router::try_start(
-        &config,
-        &token_endpoint("scoring", Some(&["idp"]), &[model.addr]),
-        &[],
-        false,
-    )
-    .await
-    .expect("router starts");
+    let router = idp_router(&server, "", &model).await;
     assert_eq!(server.fetches(), 1, "keys are fetched once at start");
     assert_eq!(server.paths(), ["/keys"]);
 
@@ -254,7 +234,7 @@ async fn builtin_tokens_minted_by_the_binary_with_a_key_it_made_are_accepted() {
     let keys_cmd = |path: &Path| {
         let path = path.as_os_str().to_owned();
         async move {
-            scorefront(&[
+            run_scorefront(&[
                 "keys".as_ref(),
                 "--token-signing".as_ref(),
                 "ed25519".as_ref(),
@@ -742,23 +722,7 @@ async fn rotated_keys_are_fetched_on_first_use_at_most_once_per_min_refetch() {
         |key: &TestKey| key.sign(key.default_alg(), Some(&key.kid), json!({}), idp.claims());
     let server = JwksServer::start(&jwks(&[&a])).await;
     let model = Model::start("m").await;
-    let config = auth_config(
-        None,
-        &[oidc(
-            "idp",
-            IDP_ISS,
-            &format!("jwksUri: '{}'", server.url()),
-            "minRefetchSeconds: 1",
-        )],
-    );
-    let router = Router::try_start(
-        &config,
-        &token_endpoint("scoring", Some(&["idp"]), &[model.addr]),
-        &[],
-        false,
-    )
-    .await
-    .expect("router starts");
+    let router = idp_router(&server, "minRefetchSeconds: 1", &model).await;
     let started = Instant::now();
     assert_eq!(server.fetches(), 1);
     accepted(&router, "scoring", &token(&a), "a").await;
@@ -1108,23 +1072,7 @@ async fn extreme_exp_and_nbf_are_answered_not_dropped() {
     let idp = TestIssuer::new(IDP_ISS, IDP_AUD, "k1");
     let server = JwksServer::start(&idp.jwks()).await;
     let model = Model::start("m").await;
-    let config = auth_config(
-        None,
-        &[oidc(
-            "idp",
-            IDP_ISS,
-            &format!("jwksUri: '{}'", server.url()),
-            "",
-        )],
-    );
-    let router = Router::try_start(
-        &config,
-        &token_endpoint("scoring", Some(&["idp"]), &[model.addr]),
-        &[],
-        false,
-    )
-    .await
-    .expect("router starts");
+    let router = idp_router(&server, "", &model).await;
     let url = router.url("/api/v1/endpoint/scoring/score");
     for changes in [
         json!({"exp": 1e300}),

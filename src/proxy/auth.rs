@@ -64,26 +64,27 @@ mod tests {
         h
     }
 
-    fn check(auth: &Auth, headers: &HeaderMap) -> Result<(), ClientError> {
+    async fn check(auth: &Auth, headers: &HeaderMap) -> Result<(), ClientError> {
         let tokens = Verifier::from_config(&Default::default()).unwrap();
-        block_on(verify(auth, "ep", headers, &tokens))
+        verify(auth, "ep", headers, &tokens).await
     }
 
-    fn block_on<F: Future>(f: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap()
-            .block_on(f)
-    }
-
-    #[test]
-    fn either_key_passes_and_nothing_else_does() {
+    #[tokio::test]
+    async fn either_key_passes_and_nothing_else_does() {
         let auth = Auth::Key {
             primary: "primary-key-0123456789".into(),
             secondary: Some("secondary-key-0123456789".into()),
         };
-        assert!(check(&auth, &headers("Bearer primary-key-0123456789")).is_ok());
-        assert!(check(&auth, &headers("bearer secondary-key-0123456789")).is_ok());
+        assert!(
+            check(&auth, &headers("Bearer primary-key-0123456789"))
+                .await
+                .is_ok()
+        );
+        assert!(
+            check(&auth, &headers("bearer secondary-key-0123456789"))
+                .await
+                .is_ok()
+        );
         for bad in [
             "Bearer primary-key-012345678",
             "Bearer primary-key-0123456789x",
@@ -93,19 +94,19 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    check(&auth, &headers(bad)),
+                    check(&auth, &headers(bad)).await,
                     Err(ClientError::Unauthorized { token: false, .. })
                 ),
                 "{bad}"
             );
         }
         assert_eq!(
-            check(&auth, &HeaderMap::new()),
+            check(&auth, &HeaderMap::new()).await,
             Err(ClientError::Unauthorized {
                 token: false,
                 reason: Reason::Missing
             })
         );
-        assert!(check(&Auth::None, &HeaderMap::new()).is_ok());
+        assert!(check(&Auth::None, &HeaderMap::new()).await.is_ok());
     }
 }

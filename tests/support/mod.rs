@@ -363,6 +363,30 @@ impl Router {
     }
 }
 
+/// Runs the real `scorefront` binary with `args`: (exit code, stdout, stderr).
+pub async fn run_scorefront(args: &[&std::ffi::OsStr]) -> (Option<i32>, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_scorefront"))
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+/// Runs `scorefront check-config --config {config}`: (exit code, stdout, stderr).
+pub async fn check_config(config: &std::path::Path) -> (Option<i32>, String, String) {
+    run_scorefront(&[
+        "check-config".as_ref(),
+        "--config".as_ref(),
+        config.as_os_str(),
+    ])
+    .await
+}
+
 /// Replaces a file the way editors and Kubernetes volume updates do (write a new file,
 /// rename it over the old), so the watcher never reads it half written.
 pub fn write_atomically(
