@@ -289,27 +289,28 @@ fn timeline_panel(svg: &mut String, mut top: f64, input: &ChartInput) {
         r#"<text x="{LEFT}" y="{:.1}" font-size="14" font-weight="bold">Over time (per second)</text>"#,
         top - 10.0
     );
-    let time_ticks = |area: &Area, svg: &mut String| {
+    // One row over time: its frame, y axis and time ticks.
+    let row = |svg: &mut String, top: f64, (y_max, y_step): (f64, f64), label: &str| {
+        let area = Area {
+            x: LEFT,
+            y: top,
+            w: PLOT_W,
+            h: ROW_H,
+            x_max: t_max,
+            y_max,
+        };
+        area.frame(svg, y_step, label);
         let mut t = 0.0;
         while t <= t_max * 1.0001 {
             area.x_tick(svg, t, &num(t));
             t += t_step;
         }
+        area
     };
 
     // Throughput.
     let max_rps = tl.iter().map(|p| p.throughput_rps).fold(0.0, f64::max);
-    let (y_max, y_step) = nice_axis(max_rps, 4);
-    let area = Area {
-        x: LEFT,
-        y: top,
-        w: PLOT_W,
-        h: ROW_H,
-        x_max: t_max,
-        y_max,
-    };
-    area.frame(svg, y_step, "req/s");
-    time_ticks(&area, svg);
+    let area = row(svg, top, nice_axis(max_rps, 4), "req/s");
     let pts: Vec<_> = tl.iter().map(|p| (p.t, p.throughput_rps)).collect();
     area.line(svg, &pts, BLUE, 2.0);
     let errs: Vec<_> = tl
@@ -327,17 +328,12 @@ fn timeline_panel(svg: &mut String, mut top: f64, input: &ChartInput) {
     // Latency.
     let max_us = tl.iter().map(|p| p.p99_us).max().unwrap_or(0) as f64;
     let (div, unit) = latency_scale(max_us);
-    let (y_max, y_step) = nice_axis(max_us / div, 4);
-    let area = Area {
-        x: LEFT,
-        y: top,
-        w: PLOT_W,
-        h: ROW_H,
-        x_max: t_max,
-        y_max,
-    };
-    area.frame(svg, y_step, &format!("latency ({unit})"));
-    time_ticks(&area, svg);
+    let area = row(
+        svg,
+        top,
+        nice_axis(max_us / div, 4),
+        &format!("latency ({unit})"),
+    );
     let with_responses = || tl.iter().filter(|p| p.responses > 0);
     let p50: Vec<_> = with_responses()
         .map(|p| (p.t, p.p50_us as f64 / div))
@@ -362,17 +358,7 @@ fn timeline_panel(svg: &mut String, mut top: f64, input: &ChartInput) {
             .map(|p| p.1)
             .filter(|v| v.is_finite())
             .fold(0.0, f64::max);
-        let (y_max, y_step) = nice_axis(max, 4);
-        let area = Area {
-            x: LEFT,
-            y: top,
-            w: PLOT_W,
-            h: ROW_H,
-            x_max: t_max,
-            y_max,
-        };
-        area.frame(svg, y_step, "value");
-        time_ticks(&area, svg);
+        let area = row(svg, top, nice_axis(max, 4), "value");
         let color = SERIES[i % SERIES.len()];
         // A step line: a gauge holds its value until the next sample.
         let mut steps = Vec::with_capacity(pts.len() * 2);

@@ -23,9 +23,43 @@ pub mod schedule;
 pub mod stats;
 pub mod worker;
 
+/// Sets a binary up for precise load: sub-millisecond timer slack (see [`precise`]), the
+/// open-file limit raised, and a runtime of `threads` (1: a current-thread runtime, the
+/// cheapest per request).
+pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    precise::set_timer_slack(std::time::Duration::from_micros(1));
+    raise_fd_limit();
+    if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+pub async fn termination() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
 /// Raises this process's open-file limit to the hard limit (best effort): a load test
 /// holds a descriptor per connection and per timer.
-pub fn raise_fd_limit() {
+fn raise_fd_limit() {
     #[cfg(unix)]
     // SAFETY: getrlimit/setrlimit read and write the rlimit struct passed by reference.
     unsafe {

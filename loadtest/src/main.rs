@@ -21,7 +21,7 @@ use http::{HeaderName, HeaderValue, Method, Uri};
 use loadtest::{
     chart::{self, ChartInput},
     client::{RequestTemplate, Target, TlsOptions, get_text, parse_header},
-    precise::{PrecisePacer, set_timer_slack},
+    precise::PrecisePacer,
     prom::Matcher,
     report::{
         ConnectionsReport, MetricSample, MetricsReport, Report, RunConfig, ScheduleReport, Summary,
@@ -224,21 +224,7 @@ fn main() -> ExitCode {
             .error(ErrorKind::ValueValidation, msg)
             .exit();
     }
-    // Sub-millisecond send times in open loop (see `precise`).
-    set_timer_slack(Duration::from_micros(1));
-    // A connection and a timer per slot: thousands of slots need more than 1024 descriptors.
-    loadtest::raise_fd_limit();
-    let runtime = if args.threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(args.threads)
-            .enable_all()
-            .build()
-    };
-    let runtime = match runtime {
+    let runtime = match loadtest::runtime(args.threads) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -463,13 +449,13 @@ async fn run(args: Args) -> anyhow::Result<Report> {
     let signals = {
         let (interrupted, current) = (interrupted.clone(), current.clone());
         tokio::spawn(async move {
-            wait_for_signal().await;
+            loadtest::termination().await;
             interrupted.store(true, Ordering::Relaxed);
             if let Some(c) = current.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
                 c.stop();
             }
             eprintln!("loadtest: stopping (signal); waiting for requests in flight");
-            wait_for_signal().await;
+            loadtest::termination().await;
             eprintln!("loadtest: second signal, exiting without a report");
             std::process::exit(130);
         })
@@ -687,26 +673,6 @@ async fn run(args: Args) -> anyhow::Result<Report> {
         std::fs::write(path, svg).with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(report)
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 /// Once a second: closes the timeline interval, starts a metric scrape, and prints a

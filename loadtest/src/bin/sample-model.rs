@@ -322,24 +322,9 @@ async fn serve(args: Args, state: Arc<State>) -> anyhow::Result<()> {
     };
     tokio::select! {
         () = accept => {}
-        () = shutdown_signal() => {}
+        () = loadtest::termination() => {}
     }
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
 
 fn main() -> ExitCode {
@@ -356,20 +341,7 @@ fn main() -> ExitCode {
             .error(ErrorKind::ValueValidation, msg)
             .exit(),
     };
-    // Precise simulated latencies (see loadtest::precise).
-    loadtest::precise::set_timer_slack(std::time::Duration::from_micros(1));
-    loadtest::raise_fd_limit();
-    let runtime = if args.threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(args.threads)
-            .enable_all()
-            .build()
-    };
-    let result = runtime
+    let result = loadtest::runtime(args.threads)
         .context("cannot start the runtime")
         .and_then(|rt| rt.block_on(serve(args, state)));
     match result {
