@@ -109,31 +109,47 @@ pub fn write(entry: &Entry<'_>) {
     }
 }
 
+/// One field's value, as both layouts need to tell them apart.
+enum Value<'a> {
+    Str(&'a str),
+    /// Written unquoted in text (as tracing's `%` does), quoted in JSON.
+    Display(&'a str),
+    Uint(u64),
+    Int(i64),
+}
+
+/// The fields of a line, in their order.
+fn fields<'a>(e: &Entry<'a>) -> [(&'static str, Value<'a>); 11] {
+    [
+        ("request_id", Value::Str(e.request_id)),
+        ("method", Value::Display(e.method)),
+        ("path", Value::Str(e.path)),
+        ("endpoint", Value::Str(e.endpoint)),
+        ("version", Value::Str(e.version)),
+        ("status", Value::Uint(e.status.into())),
+        ("code", Value::Str(e.code)),
+        ("duration_us", Value::Uint(e.duration_us)),
+        ("queue_us", Value::Int(e.queue_us)),
+        ("upstream_us", Value::Int(e.upstream_us)),
+        ("outcome", Value::Str(e.outcome)),
+    ]
+}
+
 /// `2024-05-01T12:00:00.123456Z  INFO scorefront::access: request_id="..." method=POST ...`
 fn text(buf: &mut Vec<u8>, e: &Entry<'_>, now: SystemTime) {
     timestamp(buf, now);
-    buf.extend_from_slice(b"  INFO scorefront::access: request_id=");
-    debug_str(buf, e.request_id);
-    buf.extend_from_slice(b" method=");
-    buf.extend_from_slice(e.method.as_bytes());
-    buf.extend_from_slice(b" path=");
-    debug_str(buf, e.path);
-    buf.extend_from_slice(b" endpoint=");
-    debug_str(buf, e.endpoint);
-    buf.extend_from_slice(b" version=");
-    debug_str(buf, e.version);
-    buf.extend_from_slice(b" status=");
-    uint(buf, e.status.into());
-    buf.extend_from_slice(b" code=");
-    debug_str(buf, e.code);
-    buf.extend_from_slice(b" duration_us=");
-    uint(buf, e.duration_us);
-    buf.extend_from_slice(b" queue_us=");
-    int(buf, e.queue_us);
-    buf.extend_from_slice(b" upstream_us=");
-    int(buf, e.upstream_us);
-    buf.extend_from_slice(b" outcome=");
-    debug_str(buf, e.outcome);
+    buf.extend_from_slice(b"  INFO scorefront::access:");
+    for (name, value) in fields(e) {
+        buf.push(b' ');
+        buf.extend_from_slice(name.as_bytes());
+        buf.push(b'=');
+        match value {
+            Value::Str(s) => debug_str(buf, s),
+            Value::Display(s) => buf.extend_from_slice(s.as_bytes()),
+            Value::Uint(n) => uint(buf, n),
+            Value::Int(n) => int(buf, n),
+        }
+    }
     buf.push(b'\n');
 }
 
@@ -141,28 +157,17 @@ fn text(buf: &mut Vec<u8>, e: &Entry<'_>, now: SystemTime) {
 fn json(buf: &mut Vec<u8>, e: &Entry<'_>, now: SystemTime) {
     buf.extend_from_slice(b"{\"timestamp\":\"");
     timestamp(buf, now);
-    buf.extend_from_slice(b"\",\"level\":\"INFO\",\"request_id\":");
-    json_str(buf, e.request_id);
-    buf.extend_from_slice(b",\"method\":");
-    json_str(buf, e.method);
-    buf.extend_from_slice(b",\"path\":");
-    json_str(buf, e.path);
-    buf.extend_from_slice(b",\"endpoint\":");
-    json_str(buf, e.endpoint);
-    buf.extend_from_slice(b",\"version\":");
-    json_str(buf, e.version);
-    buf.extend_from_slice(b",\"status\":");
-    uint(buf, e.status.into());
-    buf.extend_from_slice(b",\"code\":");
-    json_str(buf, e.code);
-    buf.extend_from_slice(b",\"duration_us\":");
-    uint(buf, e.duration_us);
-    buf.extend_from_slice(b",\"queue_us\":");
-    int(buf, e.queue_us);
-    buf.extend_from_slice(b",\"upstream_us\":");
-    int(buf, e.upstream_us);
-    buf.extend_from_slice(b",\"outcome\":");
-    json_str(buf, e.outcome);
+    buf.extend_from_slice(b"\",\"level\":\"INFO\"");
+    for (name, value) in fields(e) {
+        buf.extend_from_slice(b",\"");
+        buf.extend_from_slice(name.as_bytes());
+        buf.extend_from_slice(b"\":");
+        match value {
+            Value::Str(s) | Value::Display(s) => json_str(buf, s),
+            Value::Uint(n) => uint(buf, n),
+            Value::Int(n) => int(buf, n),
+        }
+    }
     buf.extend_from_slice(b",\"target\":\"scorefront::access\"}\n");
 }
 

@@ -52,9 +52,7 @@ pub struct App {
 /// Loads `config_path`, publishes the first routing table and starts serving.
 /// Fails with every error found when either file is invalid.
 pub async fn start(config_path: &Path, listeners: Listeners) -> anyhow::Result<App> {
-    let (config, endpoints) = file::load_all(config_path).map_err(|errors| {
-        anyhow::anyhow!("configuration is invalid:\n  {}", errors.join("\n  "))
-    })?;
+    let (config, endpoints) = file::load_all(config_path)?;
     let workdir = config
         .endpoints
         .file

@@ -142,9 +142,7 @@ fn signing_key(kind: KeyKind, out: Option<PathBuf>) -> anyhow::Result<()> {
 }
 
 fn mint(config: &std::path::Path, endpoint: &str) -> anyhow::Result<()> {
-    let (cfg, endpoints) = file::load_all(config).map_err(|errors| {
-        anyhow::anyhow!("configuration is invalid:\n  {}", errors.join("\n  "))
-    })?;
+    let (cfg, endpoints) = file::load_all(config)?;
     let issuer = cfg
         .auth
         .token_issuer
@@ -202,9 +200,7 @@ fn init_logs(format: LogFormat) -> logwriter::Flush {
 }
 
 async fn serve(config: PathBuf) -> anyhow::Result<()> {
-    let (cfg, _) = file::load_all(&config).map_err(|errors| {
-        anyhow::anyhow!("configuration is invalid:\n  {}", errors.join("\n  "))
-    })?;
+    let (cfg, _) = file::load_all(&config)?;
     let bind = |addr: std::net::SocketAddr| async move {
         TcpListener::bind(addr)
             .await

@@ -57,10 +57,13 @@ pub fn parse_endpoints(text: &str, path: &Path) -> Result<Vec<spec::Endpoint>, V
     }
 }
 
-/// Loads both files as `serve` and `check-config` do.
-pub fn load_all(config: &Path) -> Result<(RouterConfig, Vec<spec::Endpoint>), Vec<String>> {
-    let cfg = RouterConfig::load(config).map_err(|e| vec![format!("{e:#}")])?;
-    let endpoints = load_endpoints_for(&cfg)?;
+/// Loads both files as `serve` and `token` do; the error lists every problem found.
+pub fn load_all(config: &Path) -> anyhow::Result<(RouterConfig, Vec<spec::Endpoint>)> {
+    let invalid = |errors: Vec<String>| {
+        anyhow::anyhow!("configuration is invalid:\n  {}", errors.join("\n  "))
+    };
+    let cfg = RouterConfig::load(config).map_err(|e| invalid(vec![format!("{e:#}")]))?;
+    let endpoints = load_endpoints_for(&cfg).map_err(invalid)?;
     Ok((cfg, endpoints))
 }
 
