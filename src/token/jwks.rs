@@ -57,6 +57,10 @@ impl Jwks {
         self.keys.load_full()
     }
 
+    pub fn generation(&self) -> u64 {
+        self.keys.load().generation
+    }
+
     /// Called when a token names a key the set `seen` does not hold. Returns once the keys
     /// were fetched again, at once when another caller changed them meanwhile, or at once
     /// when the last fetch started less than `minRefetchSeconds` ago.

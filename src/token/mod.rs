@@ -7,7 +7,7 @@
 //! present and not past and `nbf` not ahead (both with the configured leeway); and its
 //! `aud` names the endpoint (built-in issuer) or one of the issuer's audiences (OIDC).
 //!
-//! Verified tokens are cached by their exact bytes and the endpoint, with their validity
+//! Verified tokens are cached by their exact bytes, with the endpoint, their validity
 //! window and the generation of the keys that verified them, so a repeat costs a hash
 //! lookup and a key rotation or expiry is never served from the cache.
 
@@ -96,6 +96,14 @@ struct Issuer {
 }
 
 impl Issuer {
+    /// The generation of the keys held now, read without taking a reference to them.
+    fn generation(&self) -> u64 {
+        match &self.keys {
+            Keys::Builtin { keys, .. } => keys.load().generation,
+            Keys::Jwks(j) => j.generation(),
+        }
+    }
+
     fn keys(&self) -> Arc<KeySet> {
         match &self.keys {
             Keys::Builtin { keys, .. } => keys.load_full(),
@@ -229,9 +237,9 @@ impl Verifier {
         token: &[u8],
     ) -> Result<(), Reason> {
         let now = unix_now();
-        if let Some(hit) = self.cache.get(endpoint, token, now) {
-            let issuer = &self.issuers[hit.issuer];
-            if trusted.contains(&issuer.name) && issuer.keys().generation == hit.generation {
+        if let Some((index, generation)) = self.cache.get(endpoint, token, now) {
+            let issuer = &self.issuers[index];
+            if trusted.contains(&issuer.name) && issuer.generation() == generation {
                 return Ok(());
             }
         }
@@ -286,9 +294,9 @@ impl Verifier {
             return Err(Reason::WrongAudience);
         }
         self.cache.put(
-            endpoint,
             token,
             Entry {
+                endpoint: endpoint.into(),
                 issuer: index,
                 generation: keys.generation,
                 not_before,
@@ -330,16 +338,17 @@ fn tls_client(ca_file: Option<&std::path::Path>) -> anyhow::Result<TlsConnector>
     Ok(TlsConnector::from(Arc::new(config)))
 }
 
-#[derive(Clone, Copy)]
 struct Entry {
+    /// The endpoint the token was verified for.
+    endpoint: Box<str>,
     issuer: usize,
     generation: u64,
     not_before: i64,
     not_after: i64,
 }
 
-/// Verified tokens by `endpoint \0 token`. Bounded: when full it starts over, which costs
-/// one signature check per live token.
+/// Verified tokens by their exact bytes (looked up without copying them). Bounded: when
+/// full it starts over, which costs one signature check per live token.
 #[derive(Default)]
 struct Cache {
     map: Mutex<HashMap<Box<[u8]>, Entry>>,
@@ -348,26 +357,22 @@ struct Cache {
 const CACHE_ENTRIES: usize = 4096;
 
 impl Cache {
-    fn key(endpoint: &str, token: &[u8]) -> Box<[u8]> {
-        [endpoint.as_bytes(), b"\0", token]
-            .concat()
-            .into_boxed_slice()
-    }
-
-    fn get(&self, endpoint: &str, token: &[u8], now: u64) -> Option<Entry> {
-        let key = Self::key(endpoint, token);
+    /// `(issuer, keys generation)` of `token` verified for `endpoint` and valid at `now`.
+    fn get(&self, endpoint: &str, token: &[u8], now: u64) -> Option<(usize, u64)> {
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(&key)
-            .copied()
-            .filter(|e| (e.not_before..=e.not_after).contains(&(now as i64)))
+        map.get(token)
+            .filter(|e| {
+                &*e.endpoint == endpoint && (e.not_before..=e.not_after).contains(&(now as i64))
+            })
+            .map(|e| (e.issuer, e.generation))
     }
 
-    fn put(&self, endpoint: &str, token: &[u8], entry: Entry) {
+    fn put(&self, token: &[u8], entry: Entry) {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         if map.len() >= CACHE_ENTRIES {
             map.clear();
         }
-        map.insert(Self::key(endpoint, token), entry);
+        map.insert(token.into(), entry);
     }
 }
 
@@ -377,15 +382,8 @@ mod tests {
     use crate::config::TokenIssuerConfig;
     use issuer::KeyKind;
 
-    fn block_on<F: Future>(f: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap()
-            .block_on(f)
-    }
-
-    #[test]
-    fn a_replaced_signing_key_verifies_its_tokens_for_one_lifetime() {
+    #[tokio::test]
+    async fn a_replaced_signing_key_verifies_its_tokens_for_one_lifetime() {
         let dir = tempfile::tempdir().unwrap();
         let (old_path, new_path) = (dir.path().join("old.pem"), dir.path().join("new.pem"));
         std::fs::write(&old_path, issuer::generate(KeyKind::Es256).unwrap()).unwrap();
@@ -404,19 +402,21 @@ mod tests {
         let now = SystemTime::now();
         let old_token = old.mint("ep", now).unwrap().access_token;
         let new_token = new.mint("ep", now).unwrap().access_token;
-        let trusted = [BUILTIN.to_owned()];
-        let check = |t: &str| block_on(verifier.verify("ep", &trusted, t.as_bytes()));
-        assert_eq!(check(&old_token), Ok(()));
-        assert_eq!(check(&new_token), Err(Reason::UnknownKid));
+        async fn check(verifier: &Verifier, token: &str) -> Result<(), Reason> {
+            let trusted = [BUILTIN.to_owned()];
+            verifier.verify("ep", &trusted, token.as_bytes()).await
+        }
+        assert_eq!(check(&verifier, &old_token).await, Ok(()));
+        assert_eq!(check(&verifier, &new_token).await, Err(Reason::UnknownKid));
 
         assert!(verifier.rotate_builtin(new.public.clone()));
         assert!(
             !verifier.rotate_builtin(new.public.clone()),
             "same key again"
         );
-        assert_eq!(check(&new_token), Ok(()));
+        assert_eq!(check(&verifier, &new_token).await, Ok(()));
         assert_eq!(
-            check(&old_token),
+            check(&verifier, &old_token).await,
             Ok(()),
             "old tokens pass until they expire"
         );
