@@ -15,6 +15,7 @@ use crate::{
     discovery::{
         file::{self, Watcher},
         index::{Event, Index},
+        kubernetes,
     },
     metrics::Metrics,
     proxy::Proxy,
@@ -53,12 +54,14 @@ pub struct App {
 /// Fails with every error found when either file is invalid.
 pub async fn start(config_path: &Path, listeners: Listeners) -> anyhow::Result<App> {
     let (config, endpoints) = file::load_all(config_path)?;
-    let workdir = config
-        .endpoints
-        .file
-        .parent()
-        .context("endpoints file has no folder")?
-        .to_path_buf();
+    // Replica commands run in the endpoints file's folder.
+    let workdir = match &config.endpoints.file {
+        Some(file) => file
+            .parent()
+            .context("endpoints file has no folder")?
+            .to_path_buf(),
+        None => std::env::current_dir().context("no current folder")?,
+    };
     if listeners.http.is_none() && listeners.https.is_none() {
         anyhow::bail!("no data listener: bind http, https or both");
     }
@@ -89,8 +92,17 @@ pub async fn start(config_path: &Path, listeners: Listeners) -> anyhow::Result<A
         config.upstream,
         tokens,
     ));
-    let ready = Arc::new(Readiness::default());
+    let ready = Arc::new(Readiness::new(config.readiness.require_ready_replicas));
     let (events, events_rx) = mpsc::unbounded_channel();
+    let kube = match &config.endpoints.kubernetes {
+        Some(k) => Some((
+            kubernetes::client(k).await?,
+            k.namespaces.clone(),
+            crate::discovery::known_issuers(&config.auth),
+            events.clone(),
+        )),
+        None => None,
+    };
 
     let mut index = Index::new(proxy.clone(), workdir, events.clone());
     index.apply(Event::Endpoints(endpoints));
@@ -108,7 +120,30 @@ pub async fn start(config_path: &Path, listeners: Listeners) -> anyhow::Result<A
     // made meanwhile is then seen as one.
     let watching = watcher.run(stop_rx.clone());
     let mut others = proxy.tokens().spawn_refresh(&stop_rx).await;
-    ready.set(true);
+    match kube {
+        None => ready.set_synced(),
+        Some((client, namespaces, issuers, events)) => {
+            let (source, handles) =
+                kubernetes::Source::new(events, proxy.metrics().clone(), issuers);
+            others.push(tokio::spawn(source.run(
+                client.clone(),
+                namespaces,
+                stop_rx.clone(),
+            )));
+            others.push(tokio::spawn(kubernetes::write_status(
+                client,
+                proxy.clone(),
+                handles.observed,
+                stop_rx.clone(),
+            )));
+            let (ready, mut synced) = (ready.clone(), handles.synced);
+            others.push(tokio::spawn(async move {
+                if synced.wait_for(|s| *s).await.is_ok() {
+                    ready.set_synced();
+                }
+            }));
+        }
+    }
     let addr = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
     tracing::info!(
         http = ?addr(&listeners.http),
@@ -154,7 +189,7 @@ impl App {
     /// Drains and stops everything; returns when local replicas are gone.
     pub async fn shutdown(self) {
         tracing::info!("shutting down");
-        self.ready.set(false);
+        self.ready.set_draining();
         let _ = self.drain.send(true);
         for t in self.data {
             let _ = t.await;

@@ -25,8 +25,13 @@
 //!       # caFile: ca.pem       (extra CAs for an https jwksUri)
 //!       refreshSeconds: 600
 //!       minRefetchSeconds: 30 # refetch on an unknown kid at most this often
-//! endpoints:
+//! endpoints:                  # exactly one of file and kubernetes
 //!   file: endpoints.yaml      # relative to this file
+//!   # kubernetes:             # ScoringEndpoint objects in a cluster
+//!   #   namespaces: [models]  # default: every namespace
+//!   #   kubeconfig: kubeconfig.yaml  # default: in-cluster config, then the usual kubeconfig
+//! readiness:
+//!   requireReadyReplicas: false  # true: /readyz also needs a ready replica per endpoint
 //! maxRequestBodyBytes: 104857600
 //! shutdownGracePeriodSeconds: 30
 //! reloadIntervalMs: 1000
@@ -44,7 +49,10 @@ use std::{
 use anyhow::Context;
 use serde::Deserialize;
 
-use crate::proxy::DEFAULT_MAX_BODY;
+use crate::spec::BUILTIN_ISSUER;
+
+/// Default `maxRequestBodyBytes`: 100 MiB, as azureml.
+pub const DEFAULT_MAX_BODY: u64 = 100 * 1024 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -66,6 +74,20 @@ pub struct RouterConfig {
     pub tls: Option<TlsConfig>,
     #[serde(default)]
     pub auth: AuthConfig,
+    #[serde(default)]
+    pub readiness: ReadinessConfig,
+}
+
+/// What `/readyz` requires besides a synced routing table and not draining.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReadinessConfig {
+    /// Every endpoint must have a version with at least one ready replica, so that a
+    /// router in front of its own model (a sidecar) gets traffic only once the model
+    /// answers. Fixed replica addresses are then probed with `GET /` like local replicas.
+    /// Default false.
+    #[serde(default)]
+    pub require_ready_replicas: bool,
 }
 
 /// The certificate of the https listener.
@@ -188,11 +210,25 @@ pub struct Listen {
     pub admin: SocketAddr,
 }
 
+/// Where endpoints come from: exactly one of the two.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EndpointsSource {
     /// The endpoints file; a relative path is relative to the router config file.
-    pub file: PathBuf,
+    pub file: Option<PathBuf>,
+    /// `ScoringEndpoint` objects in a Kubernetes cluster.
+    pub kubernetes: Option<KubernetesSource>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KubernetesSource {
+    /// The namespaces watched. Default (empty): every namespace.
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    /// A kubeconfig file. Default: the in-cluster service account, then `KUBECONFIG` and
+    /// `~/.kube/config`.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl Default for Listen {
@@ -218,7 +254,7 @@ fn default_ttl() -> u64 {
     3600
 }
 fn default_issuer() -> String {
-    crate::token::BUILTIN.into()
+    BUILTIN_ISSUER.into()
 }
 fn default_jwks_refresh() -> u64 {
     600
@@ -277,7 +313,26 @@ impl RouterConfig {
                 *p = base.join(&*p);
             }
         };
-        resolve(&mut cfg.endpoints.file);
+        match (&mut cfg.endpoints.file, &mut cfg.endpoints.kubernetes) {
+            (Some(f), None) => resolve(f),
+            (None, Some(k)) => {
+                if let Some(kc) = &mut k.kubeconfig {
+                    resolve(kc);
+                }
+                for (i, ns) in k.namespaces.iter().enumerate() {
+                    if !crate::spec::valid_name(ns) {
+                        anyhow::bail!(
+                            "{file}: endpoints.kubernetes.namespaces[{i}]: '{ns}' is not a \
+                             namespace name"
+                        );
+                    }
+                }
+            }
+            _ => anyhow::bail!(
+                "{file}: endpoints: give exactly one of file (an endpoints file) and \
+                 kubernetes (ScoringEndpoint objects in a cluster)"
+            ),
+        }
         if let Some(tls) = &mut cfg.tls {
             resolve(&mut tls.cert_file);
             resolve(&mut tls.key_file);
@@ -288,13 +343,13 @@ impl RouterConfig {
                 anyhow::bail!("{file}: auth.tokenIssuer.ttlSeconds must be at least 1");
             }
         }
-        let mut names = vec![crate::token::BUILTIN.to_owned()];
+        let mut names = vec![BUILTIN_ISSUER.to_owned()];
         for (i, o) in cfg.auth.oidc.iter_mut().enumerate() {
             let at = format!("{file}: auth.oidc[{i}] ({})", o.name);
             if names.contains(&o.name) {
                 anyhow::bail!(
                     "{at}: name is taken (`{}` is the built-in issuer's)",
-                    crate::token::BUILTIN
+                    BUILTIN_ISSUER
                 );
             }
             names.push(o.name.clone());
@@ -348,7 +403,10 @@ mod tests {
             Path::new("/etc/sf/router.yaml"),
         )
         .unwrap();
-        assert_eq!(cfg.endpoints.file, Path::new("/etc/sf/eps.yaml"));
+        assert_eq!(
+            cfg.endpoints.file.as_deref(),
+            Some(Path::new("/etc/sf/eps.yaml"))
+        );
         assert_eq!(cfg.max_request_body_bytes, 100 * 1024 * 1024);
         assert_eq!(cfg.grace_period(), Duration::from_secs(30));
         assert_eq!(cfg.listen.http.unwrap().port(), 8080);
@@ -362,5 +420,27 @@ mod tests {
             format!("{err:#}").contains("unknown field `htp`"),
             "{err:#}"
         );
+    }
+
+    #[test]
+    fn endpoints_come_from_exactly_one_source() {
+        let cfg = RouterConfig::parse(
+            "endpoints: {kubernetes: {namespaces: [models], kubeconfig: kc.yaml}}",
+            Path::new("/etc/sf/router.yaml"),
+        )
+        .unwrap();
+        let k = cfg.endpoints.kubernetes.unwrap();
+        assert_eq!(k.namespaces, ["models"]);
+        assert_eq!(k.kubeconfig.as_deref(), Some(Path::new("/etc/sf/kc.yaml")));
+        for bad in ["endpoints: {}", "endpoints: {file: e.yaml, kubernetes: {}}"] {
+            let err = RouterConfig::parse(bad, Path::new("r.yaml")).unwrap_err();
+            assert!(format!("{err}").contains("exactly one of file"), "{err}");
+        }
+        let err = RouterConfig::parse(
+            "endpoints: {kubernetes: {namespaces: [Models]}}",
+            Path::new("r.yaml"),
+        )
+        .unwrap_err();
+        assert!(format!("{err}").contains("namespaces[0]"), "{err}");
     }
 }

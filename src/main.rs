@@ -10,7 +10,7 @@ use rand::{RngExt, distr::Alphanumeric};
 use scorefront::{
     accesslog,
     app::{self, Listeners},
-    discovery::file,
+    discovery::{file, kubernetes},
     logwriter::{self, LogWriter},
     server::tls::LoadedCert,
     spec::{Auth, ReplicaSource},
@@ -42,6 +42,8 @@ enum Cmd {
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
     },
+    /// Print the ScoringEndpoint CustomResourceDefinition (YAML, for kubectl apply).
+    Crd,
     /// Check the router config and its endpoints file; exit 1 listing every error.
     CheckConfig {
         #[arg(long, short)]
@@ -75,6 +77,8 @@ enum LogFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // One TLS crypto provider for the whole process (the Kubernetes client asks for it).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     match cli.command {
         Cmd::Serve { config, log_format } => {
             let _flush_logs_on_exit = init_logs(log_format);
@@ -91,6 +95,10 @@ fn main() -> ExitCode {
             }
         }
         Cmd::CheckConfig { config } => check_config(config),
+        Cmd::Crd => {
+            print!("{}", scorefront::spec::crd_yaml());
+            ExitCode::SUCCESS
+        }
         Cmd::Keys {
             token_signing: None,
             ..
@@ -148,11 +156,16 @@ fn mint(config: &std::path::Path, endpoint: &str) -> anyhow::Result<()> {
         .token_issuer
         .as_ref()
         .with_context(|| format!("{}: auth.tokenIssuer is not configured", config.display()))?;
-    let ep = endpoints
-        .iter()
-        .find(|e| e.name == endpoint)
-        .with_context(|| format!("no endpoint named {endpoint}"))?;
-    match &ep.auth {
+    // In a cluster the endpoints are objects the command does not read; the token is
+    // bound to the endpoint by its audience either way.
+    let auth = match endpoints.iter().find(|e| e.name == endpoint) {
+        Some(ep) => &ep.auth,
+        None if cfg.endpoints.kubernetes.is_some() => &Auth::Token {
+            issuers: vec![token::BUILTIN.to_owned()],
+        },
+        None => anyhow::bail!("no endpoint named {endpoint}"),
+    };
+    match auth {
         Auth::Token { issuers } if issuers.iter().any(|i| i == token::BUILTIN) => {}
         Auth::Token { .. } => anyhow::bail!(
             "endpoint {endpoint} does not trust the built-in issuer; add `{}` to its \
@@ -269,6 +282,31 @@ fn check_config(config: PathBuf) -> ExitCode {
             Err(errors)
         });
     match loaded {
+        Ok((ref cfg, _)) if let Some(k) = &cfg.endpoints.kubernetes => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            match runtime.block_on(kubernetes::client_config(k)) {
+                Ok(kc) => {
+                    let namespaces = if k.namespaces.is_empty() {
+                        "every namespace".to_owned()
+                    } else {
+                        format!("namespaces {}", k.namespaces.join(", "))
+                    };
+                    println!(
+                        "ok: ScoringEndpoints from {namespaces} through the API server at {}",
+                        kc.cluster_url
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    eprintln!("1 error(s) found");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Ok((cfg, endpoints)) => {
             let versions: usize = endpoints.iter().map(|e| e.versions.len()).sum();
             let local = endpoints
@@ -279,7 +317,11 @@ fn check_config(config: PathBuf) -> ExitCode {
             println!(
                 "ok: {} endpoint(s), {versions} version(s) ({local} with local replicas) from {}",
                 endpoints.len(),
-                cfg.endpoints.file.display()
+                cfg.endpoints
+                    .file
+                    .as_deref()
+                    .unwrap_or_else(|| "".as_ref())
+                    .display()
             );
             ExitCode::SUCCESS
         }

@@ -13,7 +13,17 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::proxy::table::RoutingTable;
+/// The live gauges of one version, read from its slot accounting at scrape time.
+pub struct VersionGauges<'a> {
+    pub endpoint: &'a str,
+    pub version: &'a str,
+    pub in_flight: usize,
+    pub queued: usize,
+    /// Routable replicas.
+    pub ready: usize,
+    /// Routable replicas with a request in flight.
+    pub busy: usize,
+}
 
 /// Latency buckets in seconds: fine below a millisecond, up to the 300 s timeout ceiling.
 const BUCKETS: &[f64] = &[
@@ -33,6 +43,10 @@ pub struct Metrics {
     replicas: IntGaugeVec,
     /// Set by whoever loads the https certificate; absent without one.
     cert_expiry: IntGauge,
+    kube_watch_errors: IntCounterVec,
+    kube_last_sync: IntGaugeVec,
+    kube_objects: IntGaugeVec,
+    kube_status_writes: IntCounterVec,
     /// Serializes scrapes: each one resets and refills the gauges.
     scrape: Mutex<()>,
 }
@@ -136,6 +150,33 @@ impl Metrics {
                 "When the https certificate in use expires (notAfter, epoch seconds).",
             )
             .expect("valid gauge"),
+            kube_watch_errors: IntCounterVec::new(
+                Opts::new(
+                    "scorefront_kubernetes_watch_errors_total",
+                    "Failed Kubernetes lists and watches, by resource and reason (forbidden, \
+                     unauthorized, expired, not_found, api_error, unreachable).",
+                ),
+                &["resource", "reason"],
+            )
+            .expect("valid counter"),
+            kube_last_sync: gauge(
+                "scorefront_kubernetes_last_sync_timestamp_seconds",
+                "When a list or watch event of the resource last arrived (epoch seconds).",
+                &["resource"],
+            ),
+            kube_objects: gauge(
+                "scorefront_kubernetes_objects",
+                "Kubernetes objects the router knows, by kind.",
+                &["kind"],
+            ),
+            kube_status_writes: IntCounterVec::new(
+                Opts::new(
+                    "scorefront_kubernetes_status_writes_total",
+                    "ScoringEndpoint status writes, by result (ok, error).",
+                ),
+                &["result"],
+            )
+            .expect("valid counter"),
             scrape: Mutex::new(()),
         };
         for c in [
@@ -147,6 +188,10 @@ impl Metrics {
             Box::new(m.in_flight.clone()),
             Box::new(m.queued.clone()),
             Box::new(m.replicas.clone()),
+            Box::new(m.kube_watch_errors.clone()),
+            Box::new(m.kube_last_sync.clone()),
+            Box::new(m.kube_objects.clone()),
+            Box::new(m.kube_status_writes.clone()),
         ] {
             m.registry.register(c).expect("metric names are unique");
         }
@@ -189,29 +234,43 @@ impl Metrics {
         self.requests.with_label_values(&[endpoint, "", code]).inc();
     }
 
-    /// Renders every metric in the Prometheus text format, with gauges read from `table`.
-    pub fn render(&self, table: &RoutingTable) -> String {
+    pub fn kube_watch_error(&self, resource: &str, reason: &str) {
+        self.kube_watch_errors
+            .with_label_values(&[resource, reason])
+            .inc();
+    }
+
+    pub fn kube_synced(&self, resource: &str, epoch_seconds: i64) {
+        self.kube_last_sync
+            .with_label_values(&[resource])
+            .set(epoch_seconds);
+    }
+
+    pub fn kube_objects(&self, kind: &str, count: usize) {
+        self.kube_objects
+            .with_label_values(&[kind])
+            .set(count as i64);
+    }
+
+    pub fn kube_status_write(&self, result: &str) {
+        self.kube_status_writes.with_label_values(&[result]).inc();
+    }
+
+    /// Renders every metric in the Prometheus text format, with the live gauges of every
+    /// version served now.
+    pub fn render<'a>(&self, versions: impl IntoIterator<Item = VersionGauges<'a>>) -> String {
         let _one_at_a_time = self.scrape.lock().expect("scrape lock poisoned");
         self.in_flight.reset();
         self.queued.reset();
         self.replicas.reset();
-        for ep in table.endpoints() {
-            for v in ep.versions() {
-                let l = &[ep.name.as_str(), v.name()];
-                let slots = &v.slots;
-                self.in_flight
-                    .with_label_values(l)
-                    .set(slots.in_flight() as i64);
-                self.queued.with_label_values(l).set(slots.queued() as i64);
-                let replicas = slots.replicas();
-                let busy = replicas.iter().filter(|r| r.in_flight() > 0).count();
-                let state = |s| [ep.name.as_str(), v.name(), s];
+        for v in versions {
+            let l = &[v.endpoint, v.version];
+            self.in_flight.with_label_values(l).set(v.in_flight as i64);
+            self.queued.with_label_values(l).set(v.queued as i64);
+            for (state, n) in [("ready", v.ready), ("busy", v.busy)] {
                 self.replicas
-                    .with_label_values(&state("ready"))
-                    .set(replicas.len() as i64);
-                self.replicas
-                    .with_label_values(&state("busy"))
-                    .set(busy as i64);
+                    .with_label_values(&[v.endpoint, v.version, state])
+                    .set(n as i64);
             }
         }
         let mut out = Vec::new();
@@ -234,7 +293,7 @@ mod tests {
         v.count_request(http::StatusCode::IM_A_TEAPOT);
         v.count_request(http::StatusCode::IM_A_TEAPOT);
         m.count_unrouted("", "404");
-        let text = m.render(&RoutingTable::default());
+        let text = m.render([]);
         for line in [
             r#"scorefront_requests_total{code="200",endpoint="fraud",version="blue"} 1"#,
             r#"scorefront_requests_total{code="418",endpoint="fraud",version="blue"} 2"#,

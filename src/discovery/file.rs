@@ -37,7 +37,7 @@ pub fn parse_endpoints(text: &str, path: &Path) -> Result<Vec<spec::Endpoint>, V
         let n = i + 1;
         match Option::<spec::EndpointDocument>::deserialize(de) {
             Ok(None) => {}
-            Ok(Some(doc)) => match spec::validate(&doc) {
+            Ok(Some(doc)) => match spec::validate_document(&doc) {
                 Ok(ep) if endpoints.iter().any(|e| e.name == ep.name) => errors.push(format!(
                     "{file}: document {n} ({}): metadata.name: another document already defines this endpoint",
                     ep.name
@@ -67,36 +67,21 @@ pub fn load_all(config: &Path) -> anyhow::Result<(RouterConfig, Vec<spec::Endpoi
     Ok((cfg, endpoints))
 }
 
-/// Loads the endpoints file `cfg` names and checks that every token issuer an endpoint
-/// trusts is configured in `cfg`.
+/// Loads the endpoints file `cfg` names (none in Kubernetes mode) and checks that every
+/// token issuer an endpoint trusts is configured in `cfg`.
 pub fn load_endpoints_for(cfg: &RouterConfig) -> Result<Vec<spec::Endpoint>, Vec<String>> {
-    let endpoints = load_endpoints(&cfg.endpoints.file)?;
-    let mut known: Vec<&str> = cfg.auth.oidc.iter().map(|o| o.name.as_str()).collect();
-    if cfg.auth.token_issuer.is_some() {
-        known.insert(0, crate::token::BUILTIN);
-    }
-    let errors: Vec<String> =
-        endpoints
-            .iter()
-            .flat_map(|ep| {
-                match &ep.auth {
-            spec::Auth::Token { issuers } => issuers.as_slice(),
-            _ => &[],
-        }
+    let Some(path) = &cfg.endpoints.file else {
+        return Ok(Vec::new());
+    };
+    let endpoints = load_endpoints(path)?;
+    let known = super::known_issuers(&cfg.auth);
+    let errors: Vec<String> = endpoints
         .iter()
-        .filter(|name| !known.contains(&name.as_str()))
-        .map(|name| {
-            format!(
-                "{}: endpoint {}: spec.tokenIssuers: `{name}` is not configured in the router \
-                 config (configured: {}); `{}` needs auth.tokenIssuer, others auth.oidc",
-                cfg.endpoints.file.display(),
-                ep.name,
-                if known.is_empty() { "none".to_owned() } else { known.join(", ") },
-                crate::token::BUILTIN,
-            )
+        .flat_map(|ep| {
+            super::unknown_issuers(ep, &known)
+                .map(|e| format!("{}: endpoint {}: {e}", path.display(), ep.name))
         })
-            })
-            .collect();
+        .collect();
     if errors.is_empty() {
         Ok(endpoints)
     } else {
@@ -180,7 +165,7 @@ impl Watcher {
                 }
                 seen = now;
                 // The config may name another endpoints file now: compare against it.
-                seen.config[1] = read(&self.config.endpoints.file);
+                seen.config[1] = self.config.endpoints.file.as_deref().and_then(read);
             }
         }
     }
@@ -188,7 +173,10 @@ impl Watcher {
     fn read_all(&self) -> Contents {
         let tls = self.config.tls.as_ref();
         Contents {
-            config: [read(&self.config_path), read(&self.config.endpoints.file)],
+            config: [
+                read(&self.config_path),
+                self.config.endpoints.file.as_deref().and_then(read),
+            ],
             tls: [
                 tls.and_then(|t| read(&t.cert_file)),
                 tls.and_then(|t| read(&t.key_file)),
@@ -274,7 +262,20 @@ impl Watcher {
                          take effect after a restart (certificate contents reload by themselves)"
                     );
                 }
+                if cfg.endpoints.kubernetes != self.config.endpoints.kubernetes
+                    || cfg.endpoints.file.is_some() != self.config.endpoints.file.is_some()
+                {
+                    tracing::warn!(
+                        "endpoints.kubernetes, and a switch between file and kubernetes, take \
+                         effect after a restart"
+                    );
+                }
+                let endpoints = match self.config.endpoints.file {
+                    Some(_) if cfg.endpoints.file.is_some() => cfg.endpoints.clone(),
+                    _ => self.config.endpoints.clone(),
+                };
                 self.config = RouterConfig {
+                    endpoints,
                     listen: self.config.listen.clone(),
                     reload_interval_ms: self.config.reload_interval_ms,
                     shutdown_grace_period_seconds: self.config.shutdown_grace_period_seconds,
@@ -287,6 +288,9 @@ impl Watcher {
             Err(e) => {
                 tracing::error!("router config not reloaded, keeping the last good one: {e:#}");
             }
+        }
+        if self.config.endpoints.file.is_none() {
+            return; // the Kubernetes source sends the endpoints
         }
         match load_endpoints_for(&self.config) {
             Ok(endpoints) => {

@@ -4,9 +4,19 @@
 //! across reloads, so in-flight counts and queues survive a table swap; a version that
 //! disappears has its replicas withdrawn (its running requests finish). Replica membership
 //! is published into each version's slots directly; a new table is built only when the
-//! endpoint definitions change.
+//! endpoint definitions change, so pod churn in a cluster costs one slots update per
+//! affected version and no table rebuild.
+//!
+//! A pod's [`Replica`] keeps its identity for as long as its address is listed for the
+//! version, ready or not, so a pod that flaps between ready and unready keeps its in-flight
+//! count and its pooled connections.
 
-use std::{collections::HashMap, path::PathBuf, sync::Arc};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+};
 
 use tokio::sync::{mpsc, watch};
 
@@ -17,7 +27,7 @@ use crate::{
         slots::{Replica, VersionSlots},
         table::RoutingTable,
     },
-    spec::{self, ReplicaSource},
+    spec::{self, PortRef, ReplicaSource},
 };
 
 /// What discovery tells the index.
@@ -31,13 +41,96 @@ pub enum Event {
         replica: Arc<Replica>,
         ready: bool,
     },
+    /// The pods behind a Kubernetes Service changed (from its EndpointSlices).
+    Pods {
+        service: ServiceKey,
+        pods: Arc<ServicePods>,
+    },
 }
+
+/// A Service: `(namespace, name)`.
+pub type ServiceKey = (String, String);
+
+/// The pods behind one Service, slice by slice (each slice lists its own ports).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ServicePods {
+    pub slices: Vec<SlicePods>,
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SlicePods {
+    /// `(name, number)` of each port of the slice.
+    pub ports: Vec<(Option<String>, u16)>,
+    /// Each pod address, and whether it takes new requests (ready and not terminating).
+    pub addresses: Vec<(IpAddr, bool)>,
+}
+
+impl ServicePods {
+    /// Every pod address on `port` (`None`: the slice's only port), and whether it takes
+    /// new requests. A slice without that port contributes nothing.
+    pub fn resolve(&self, port: Option<&PortRef>) -> Vec<(SocketAddr, bool)> {
+        let mut out = Vec::new();
+        for slice in &self.slices {
+            let number = match (port, slice.ports.as_slice()) {
+                (None, [(_, n)]) => Some(*n),
+                (None, _) => None,
+                (Some(PortRef::Number(want)), ports) => {
+                    ports.iter().find(|(_, n)| n == want).map(|(_, n)| *n)
+                }
+                (Some(PortRef::Name(want)), ports) => ports
+                    .iter()
+                    .find(|(name, _)| name.as_deref() == Some(want.as_str()))
+                    .map(|(_, n)| *n),
+            };
+            if let Some(number) = number {
+                out.extend(
+                    (slice.addresses.iter()).map(|(ip, ok)| (SocketAddr::new(*ip, number), *ok)),
+                );
+            }
+        }
+        out
+    }
+}
+
+/// Brings `known`, the replicas of a version by address, in line with `pods` on `port`;
+/// returns the routable ones. A replica whose address stays keeps its identity.
+fn sync_pods(
+    pods: Option<&ServicePods>,
+    port: Option<&PortRef>,
+    known: &mut HashMap<SocketAddr, Arc<Replica>>,
+) -> Vec<Arc<Replica>> {
+    let addresses = pods.map_or_else(Vec::new, |p| p.resolve(port));
+    let mut routable = Vec::new();
+    let next: HashMap<SocketAddr, Arc<Replica>> = addresses
+        .into_iter()
+        .map(|(addr, ok)| {
+            let replica = known
+                .remove(&addr)
+                .unwrap_or_else(|| Arc::new(Replica::new(addr)));
+            if ok {
+                routable.push(replica.clone());
+            }
+            (addr, replica)
+        })
+        .collect();
+    *known = next;
+    routable
+}
+
+/// A version: `(endpoint, version)`.
+type VersionKey = (String, String);
 
 pub struct Index {
     proxy: Arc<Proxy>,
-    slots: HashMap<(String, String), Arc<VersionSlots>>,
+    slots: HashMap<VersionKey, Arc<VersionSlots>>,
     /// Ready local replicas of each process set.
     ready: HashMap<ProcessKey, Vec<Arc<Replica>>>,
+    /// The pods of every Service discovery reported, used by a version or not yet.
+    pods: HashMap<ServiceKey, Arc<ServicePods>>,
+    /// The versions each Service serves, with the port they use.
+    services: HashMap<ServiceKey, Vec<(VersionKey, Option<PortRef>)>>,
+    /// The replicas of each Service-backed version, routable or not, by address.
+    pod_replicas: HashMap<VersionKey, HashMap<SocketAddr, Arc<Replica>>>,
     supervisor: Supervisor,
     /// Counts published tables, for whoever wants to know a reload took effect.
     generation: watch::Sender<u64>,
@@ -50,6 +143,9 @@ impl Index {
             proxy,
             slots: HashMap::new(),
             ready: HashMap::new(),
+            pods: HashMap::new(),
+            services: HashMap::new(),
+            pod_replicas: HashMap::new(),
             supervisor: Supervisor::new(workdir, events),
             generation: watch::Sender::new(0),
         }
@@ -79,12 +175,41 @@ impl Index {
                     slots.set_replicas(list.clone());
                 }
             }
+            Event::Pods { service, pods } => {
+                if pods.slices.is_empty() {
+                    self.pods.remove(&service);
+                } else {
+                    self.pods.insert(service.clone(), pods);
+                }
+                let pods = self.pods.get(&service).map(|p| &**p);
+                for (version, port) in self.services.get(&service).into_iter().flatten() {
+                    let known = self.pod_replicas.entry(version.clone()).or_default();
+                    let routable = sync_pods(pods, port.as_ref(), known);
+                    if let Some(slots) = self.slots.get(version) {
+                        slots.set_replicas(routable);
+                    }
+                }
+            }
         }
     }
 
     fn set_endpoints(&mut self, endpoints: Vec<spec::Endpoint>) {
         self.supervisor.reconcile(&endpoints);
         self.ready.retain(|k, _| self.supervisor.is_current(k));
+        self.services.clear();
+        for ep in &endpoints {
+            for v in &ep.versions {
+                if let ReplicaSource::Service(s) = &v.replicas {
+                    self.services
+                        .entry((s.namespace.clone(), s.service.clone()))
+                        .or_default()
+                        .push(((ep.name.clone(), v.name.clone()), s.port.clone()));
+                }
+            }
+        }
+        let services = &self.services;
+        self.pod_replicas
+            .retain(|version, _| services.values().flatten().any(|(v, _)| v == version));
 
         let mut kept = HashMap::new();
         for ep in &endpoints {
@@ -106,6 +231,11 @@ impl Index {
                         .get(&ProcessKey::of(ep, v))
                         .cloned()
                         .unwrap_or_default(),
+                    ReplicaSource::Service(s) => {
+                        let pods = self.pods.get(&(s.namespace.clone(), s.service.clone()));
+                        let known = self.pod_replicas.entry(id.clone()).or_default();
+                        sync_pods(pods.map(|p| &**p), s.port.as_ref(), known)
+                    }
                 });
                 kept.insert(id, slots);
             }

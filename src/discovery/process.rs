@@ -60,7 +60,7 @@ impl ProcessKey {
     pub fn of(ep: &spec::Endpoint, v: &spec::Version) -> Self {
         let command = match &v.replicas {
             ReplicaSource::Command { template, .. } => template.clone(),
-            ReplicaSource::Fixed(_) => String::new(),
+            ReplicaSource::Fixed(_) | ReplicaSource::Service(_) => String::new(),
         };
         ProcessKey {
             endpoint: ep.name.clone(),

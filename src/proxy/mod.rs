@@ -43,9 +43,6 @@ use crate::{
     token::Verifier,
 };
 
-/// Default request body limit: 100 MiB.
-pub const DEFAULT_MAX_BODY: u64 = 100 * 1024 * 1024;
-
 /// Shared state of the data plane. Owned by the app; the index publishes tables into it.
 pub struct Proxy {
     table: ArcSwap<RoutingTable>,

@@ -1,5 +1,6 @@
-//! The admin port: `/healthz` (the process answers), `/readyz` (a routing table is loaded
-//! and the router is not draining) and `/metrics` (Prometheus text format).
+//! The admin port: `/healthz` (the process answers), `/readyz` (every endpoint source has
+//! loaded, the router is not draining and, if asked, every endpoint has a ready replica)
+//! and `/metrics` (Prometheus text format).
 
 use std::{
     convert::Infallible,
@@ -19,19 +20,45 @@ use hyper_util::{
 };
 use tokio::{net::TcpListener, sync::watch};
 
-use crate::proxy::Proxy;
+use crate::{
+    metrics::VersionGauges,
+    proxy::{Proxy, table::RoutingTable},
+};
 
-/// Whether the router wants new traffic: set once the first table is published, cleared
-/// when draining starts.
+/// Whether the router wants new traffic. Owned by the app: it marks the sources synced
+/// once, and draining when shutdown starts; draining wins, whatever the order.
 #[derive(Debug, Default)]
-pub struct Readiness(AtomicBool);
+pub struct Readiness {
+    synced: AtomicBool,
+    draining: AtomicBool,
+    /// Every endpoint must also have a version with a ready replica.
+    require_replicas: bool,
+}
 
 impl Readiness {
-    pub fn set(&self, ready: bool) {
-        self.0.store(ready, SeqCst);
+    pub fn new(require_replicas: bool) -> Self {
+        Readiness {
+            require_replicas,
+            ..Readiness::default()
+        }
     }
-    pub fn get(&self) -> bool {
-        self.0.load(SeqCst)
+
+    /// Every endpoint source has delivered its first complete set.
+    pub fn set_synced(&self) {
+        self.synced.store(true, SeqCst);
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.store(true, SeqCst);
+    }
+
+    pub fn is_ready(&self, table: &RoutingTable) -> bool {
+        self.synced.load(SeqCst)
+            && !self.draining.load(SeqCst)
+            && (!self.require_replicas
+                || table
+                    .endpoints()
+                    .all(|ep| (ep.versions().iter()).any(|v| !v.slots.replicas().is_empty())))
     }
 }
 
@@ -62,6 +89,25 @@ pub async fn serve_admin(
     }
 }
 
+/// The metrics, with each served version's gauges read from its slots.
+fn render_metrics(proxy: &Proxy) -> String {
+    let table = proxy.table();
+    let versions = table.endpoints().flat_map(|ep| {
+        ep.versions().iter().map(|v| {
+            let replicas = v.slots.replicas();
+            VersionGauges {
+                endpoint: &ep.name,
+                version: v.name(),
+                in_flight: v.slots.in_flight(),
+                queued: v.slots.queued(),
+                ready: replicas.len(),
+                busy: replicas.iter().filter(|r| r.in_flight() > 0).count(),
+            }
+        })
+    });
+    proxy.metrics().render(versions)
+}
+
 fn answer(req: &Request<Incoming>, proxy: &Proxy, ready: &Readiness) -> Response<Full<Bytes>> {
     let text = |status: StatusCode, body: String, kind: &'static str| {
         Response::builder()
@@ -73,11 +119,13 @@ fn answer(req: &Request<Incoming>, proxy: &Proxy, ready: &Readiness) -> Response
     const PLAIN: &str = "text/plain; charset=utf-8";
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n".into(), PLAIN),
-        "/readyz" if ready.get() => text(StatusCode::OK, "ready\n".into(), PLAIN),
+        "/readyz" if ready.is_ready(&proxy.table()) => {
+            text(StatusCode::OK, "ready\n".into(), PLAIN)
+        }
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into(), PLAIN),
         "/metrics" => text(
             StatusCode::OK,
-            proxy.metrics().render(&proxy.table()),
+            render_metrics(proxy),
             "text/plain; version=0.0.4; charset=utf-8",
         ),
         _ => text(StatusCode::NOT_FOUND, "not found\n".into(), PLAIN),

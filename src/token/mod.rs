@@ -34,7 +34,7 @@ use jwks::{Jwks, KeySet, Source};
 use jws::Jws;
 
 /// The name by which endpoints refer to the built-in issuer in `tokenIssuers`.
-pub const BUILTIN: &str = "scorefront";
+pub const BUILTIN: &str = crate::spec::BUILTIN_ISSUER;
 
 /// Why a credential was refused: the `reason` label of `scorefront_auth_failures_total`
 /// and the log line. Never sent to the client.
