@@ -104,7 +104,8 @@ pub async fn start(config_path: &Path, listeners: Listeners) -> anyhow::Result<A
         None => None,
     };
 
-    let mut index = Index::new(proxy.clone(), workdir, events.clone());
+    let probe_fixed = config.readiness.require_ready_replicas;
+    let mut index = Index::new(proxy.clone(), workdir, probe_fixed, events.clone());
     index.apply(Event::Endpoints(endpoints));
     let generation = index.generation();
 

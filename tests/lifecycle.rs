@@ -1161,3 +1161,43 @@ async fn keys_prints_a_fresh_pair_that_an_endpoint_accepts() {
     let (code, out, err) = check_config(&config).await;
     assert_eq!(code, Some(0), "{out}{err}");
 }
+
+#[tokio::test]
+async fn sidecar_readiness_waits_for_its_model_to_answer() {
+    let _signals = SIGNALS.read().await;
+    // The model's port accepts nothing yet, as while a model loads in its container.
+    let addr = unused_addr();
+    let router = Router::start_with(
+        &router_config("readiness: {requireReadyReplicas: true}"),
+        &one_version("fraud", &[addr], "maxRequestWaitTimeMs: 50"),
+    )
+    .await;
+    let readyz = format!("http://{}/readyz", router.admin);
+    assert_eq!(get(&readyz).await.0.status, 503);
+    let url = router.url("/api/v1/service/fraud/score");
+    let (parts, body) = score(&url, KEY, &[], "{}").await;
+    assert_eq!(parts.status, 503, "{body:?}");
+    assert!(
+        String::from_utf8_lossy(&body).contains("NoReadyReplicas"),
+        "{body:?}"
+    );
+
+    let model = Model::serve("blue", TcpListener::bind(addr).await.unwrap());
+    eventually(
+        "/readyz to turn 200 once the model answers",
+        Patience::LONG,
+        || async { (get(&readyz).await.0.status == 200).then_some(()) },
+    )
+    .await;
+    assert_eq!(score(&url, KEY, &[], "{}").await.0.status, 200);
+
+    // The model goes away: after its failed probes the pod stops taking traffic.
+    drop(model);
+    eventually(
+        "/readyz to turn 503 once the model is gone",
+        Patience::LONG,
+        || async { (get(&readyz).await.0.status == 503).then_some(()) },
+    )
+    .await;
+    router.shutdown().await;
+}

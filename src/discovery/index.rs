@@ -137,8 +137,14 @@ pub struct Index {
 }
 
 impl Index {
-    /// `workdir` is where replica commands run (the endpoints file's folder).
-    pub fn new(proxy: Arc<Proxy>, workdir: PathBuf, events: mpsc::UnboundedSender<Event>) -> Self {
+    /// `workdir` is where replica commands run (the endpoints file's folder); with
+    /// `probe_fixed`, fixed addresses are routable only while their probes pass.
+    pub fn new(
+        proxy: Arc<Proxy>,
+        workdir: PathBuf,
+        probe_fixed: bool,
+        events: mpsc::UnboundedSender<Event>,
+    ) -> Self {
         Index {
             proxy,
             slots: HashMap::new(),
@@ -146,7 +152,7 @@ impl Index {
             pods: HashMap::new(),
             services: HashMap::new(),
             pod_replicas: HashMap::new(),
-            supervisor: Supervisor::new(workdir, events),
+            supervisor: Supervisor::new(workdir, probe_fixed, events),
             generation: watch::Sender::new(0),
         }
     }
@@ -223,10 +229,10 @@ impl Index {
                     None => VersionSlots::new(&v.name, v.slots_per_replica, v.max_pending),
                 };
                 slots.set_replicas(match &v.replicas {
-                    ReplicaSource::Fixed(addrs) => {
+                    ReplicaSource::Fixed(addrs) if !self.supervisor.probes_fixed() => {
                         addrs.iter().map(|a| Arc::new(Replica::new(*a))).collect()
                     }
-                    ReplicaSource::Command { .. } => self
+                    ReplicaSource::Fixed(_) | ReplicaSource::Command { .. } => self
                         .ready
                         .get(&ProcessKey::of(ep, v))
                         .cloned()

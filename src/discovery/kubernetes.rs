@@ -263,7 +263,15 @@ impl Source {
     fn apply(&mut self, scope: Scope, update: Result<Change, watcher::Error>) {
         let change = match update {
             Ok(change) => change,
-            Err(e) => return self.failed(scope, e),
+            Err(e) => {
+                // A list the router may not make is an answer, not an outage: it finds
+                // nothing there, and the rest is served rather than held back forever.
+                if self.failed(scope.clone(), e) && self.listed.insert(scope.clone()) {
+                    self.relisting.remove(&scope);
+                    self.settle(scope.kind);
+                }
+                return;
+            }
         };
         if self.failing.remove(&scope) {
             tracing::info!(
@@ -306,10 +314,16 @@ impl Source {
         self.metrics
             .kube_objects("EndpointSlice", self.slices.len());
         self.metrics.kube_objects("Secret", self.secrets.len());
-        let synced = self.listed.len() == self.scopes;
         for service in services {
             self.send_pods(service);
         }
+        self.settle(kind);
+    }
+
+    /// Once every watch has listed: sends the definitions if a change of `kind` may have
+    /// changed them, and reports the source synced the first time.
+    fn settle(&mut self, kind: Kind) {
+        let synced = self.listed.len() == self.scopes;
         if synced && (kind != Kind::Slices || !*self.synced.borrow()) {
             self.send_endpoints();
         }
@@ -572,7 +586,8 @@ impl Source {
     }
 
     /// Counts a watch error and logs it: at length once per cause, briefly after that.
-    fn failed(&mut self, scope: Scope, error: watcher::Error) {
+    /// Returns whether the error is a refused list (RBAC).
+    fn failed(&mut self, scope: Scope, error: watcher::Error) -> bool {
         let (verb, status) = match &error {
             watcher::Error::InitialListFailed(e) => ("list", api_status(e)),
             watcher::Error::WatchStartFailed(e) | watcher::Error::WatchFailed(e) => {
@@ -621,6 +636,7 @@ impl Source {
             ),
             _ => tracing::debug!(resource, "watch still failing: {error}"),
         }
+        reason == "forbidden" && verb == "list"
     }
 }
 

@@ -9,6 +9,10 @@
 //! failed probes in a row make it unready; an exit restarts it with exponential backoff.
 //! Stopping a replica withdraws it from routing, waits for its requests to finish, then
 //! sends SIGTERM to its group and SIGKILL after a grace period.
+//!
+//! When asked to (a router in front of its own model, whose readiness must mean the model
+//! answers), fixed replica addresses are probed the same way: routable once `GET /`
+//! answers 200, withdrawn after three failed probes.
 
 use std::{
     collections::HashMap,
@@ -48,24 +52,29 @@ const STABLE_RUN: Duration = Duration::from_secs(30);
 /// Time between SIGTERM and SIGKILL.
 const TERM_GRACE: Duration = Duration::from_secs(5);
 
-/// A set of identical replicas: same endpoint, version and command.
+/// A set of identical replicas: same endpoint, version and source.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ProcessKey {
     pub endpoint: String,
     pub version: String,
-    pub command: String,
+    /// The command template of local replicas, or the list of fixed addresses probed.
+    pub source: String,
 }
 
 impl ProcessKey {
     pub fn of(ep: &spec::Endpoint, v: &spec::Version) -> Self {
-        let command = match &v.replicas {
+        let source = match &v.replicas {
             ReplicaSource::Command { template, .. } => template.clone(),
-            ReplicaSource::Fixed(_) | ReplicaSource::Service(_) => String::new(),
+            ReplicaSource::Fixed(addrs) => (addrs.iter())
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+            ReplicaSource::Service(_) => String::new(),
         };
         ProcessKey {
             endpoint: ep.name.clone(),
             version: v.name.clone(),
-            command,
+            source,
         }
     }
 }
@@ -85,6 +94,8 @@ impl ReplicaTask {
 /// Starts and stops replica tasks to match the endpoints. Owned by the index.
 pub struct Supervisor {
     workdir: PathBuf,
+    /// Whether fixed addresses are probed (and routable only while they pass).
+    probe_fixed: bool,
     events: mpsc::UnboundedSender<Event>,
     sets: HashMap<ProcessKey, Vec<ReplicaTask>>,
     /// Tasks told to stop, still draining or terminating their process.
@@ -92,13 +103,19 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    pub fn new(workdir: PathBuf, events: mpsc::UnboundedSender<Event>) -> Self {
+    pub fn new(workdir: PathBuf, probe_fixed: bool, events: mpsc::UnboundedSender<Event>) -> Self {
         Supervisor {
             workdir,
+            probe_fixed,
             events,
             sets: HashMap::new(),
             retiring: Vec::new(),
         }
+    }
+
+    /// Whether fixed addresses are routable only while their probes pass.
+    pub fn probes_fixed(&self) -> bool {
+        self.probe_fixed
     }
 
     /// Whether replicas of `key` are still wanted.
@@ -110,9 +127,12 @@ impl Supervisor {
         let mut wanted = HashMap::new();
         for ep in endpoints {
             for v in &ep.versions {
-                if let ReplicaSource::Command { count, .. } = v.replicas {
-                    wanted.insert(ProcessKey::of(ep, v), (count as usize, v.scoring_timeout));
-                }
+                let what = match &v.replicas {
+                    ReplicaSource::Command { count, .. } => Want::Processes(*count as usize),
+                    ReplicaSource::Fixed(addrs) if self.probe_fixed => Want::Probes(addrs.clone()),
+                    _ => continue,
+                };
+                wanted.insert(ProcessKey::of(ep, v), (what, v.scoring_timeout));
             }
         }
         self.retiring.retain(|j| !j.is_finished());
@@ -132,8 +152,27 @@ impl Supervisor {
                 self.retiring.push(task.retire());
             }
         }
-        for (key, (count, drain)) in wanted {
+        for (key, (what, drain)) in wanted {
             let set = self.sets.entry(key.clone()).or_default();
+            let count = match what {
+                Want::Processes(count) => count,
+                Want::Probes(addrs) => {
+                    // The key names the addresses: a set once started never changes.
+                    if set.is_empty() {
+                        for addr in addrs {
+                            let (stop, stop_rx) = watch::channel(false);
+                            let join = tokio::spawn(probe_fixed(
+                                key.clone(),
+                                addr,
+                                self.events.clone(),
+                                stop_rx,
+                            ));
+                            set.push(ReplicaTask { stop, join });
+                        }
+                    }
+                    continue;
+                }
+            };
             while set.len() > count {
                 let task = set.pop().expect("len > count >= 0");
                 self.retiring.push(task.retire());
@@ -163,6 +202,83 @@ impl Supervisor {
             .collect();
         for t in tasks {
             let _ = t.await;
+        }
+    }
+}
+
+/// What a version needs from the supervisor.
+enum Want {
+    /// This many local processes.
+    Processes(usize),
+    /// Probes of these fixed addresses.
+    Probes(Vec<SocketAddr>),
+}
+
+/// Readiness from probes: ready on the first pass, unready after
+/// [`FAILED_PROBES_UNREADY`] failures in a row.
+#[derive(Default)]
+struct Health {
+    ready: bool,
+    failures: u32,
+}
+
+impl Health {
+    /// How long until the next probe.
+    fn every(&self) -> Duration {
+        if self.ready {
+            PROBE_WHILE_READY
+        } else {
+            PROBE_WHILE_STARTING
+        }
+    }
+
+    /// Folds in a probe result; returns the new readiness when it changed.
+    fn observe(&mut self, passed: bool) -> Option<bool> {
+        if passed {
+            self.failures = 0;
+            (!self.ready).then(|| {
+                self.ready = true;
+                true
+            })
+        } else {
+            self.failures += 1;
+            (self.ready && self.failures >= FAILED_PROBES_UNREADY).then(|| {
+                self.ready = false;
+                false
+            })
+        }
+    }
+}
+
+/// Probes the fixed replica `addr` until `stop` turns true, reporting each change of its
+/// readiness.
+async fn probe_fixed(
+    key: ProcessKey,
+    addr: SocketAddr,
+    events: mpsc::UnboundedSender<Event>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let replica = Arc::new(Replica::new(addr));
+    let report = |ready| {
+        let _ = events.send(Event::Replica {
+            key: key.clone(),
+            replica: replica.clone(),
+            ready,
+        });
+    };
+    let mut health = Health::default();
+    loop {
+        if let Some(ready) = health.observe(probe(addr).await) {
+            if ready {
+                tracing::info!(endpoint = key.endpoint, version = key.version, replica = %addr, "replica ready");
+            } else {
+                tracing::warn!(replica = %addr, "replica failed {FAILED_PROBES_UNREADY} probes; not ready");
+            }
+            report(ready);
+        }
+        tokio::select! {
+            () = crate::until_true(&mut stop) => return,
+            () = sleep(health.every()) => {}
         }
     }
 }
@@ -206,7 +322,7 @@ impl ReplicaRun {
                     endpoint = self.key.endpoint,
                     version = self.key.version,
                     "cannot start replica '{}': {e}; retrying in {backoff:?}",
-                    self.key.command
+                    self.key.source
                 ),
             }
             tokio::select! {
@@ -221,10 +337,7 @@ impl ReplicaRun {
         let port = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
             .local_addr()?
             .port();
-        let command = self
-            .key
-            .command
-            .replace(PORT_PLACEHOLDER, &port.to_string());
+        let command = self.key.source.replace(PORT_PLACEHOLDER, &port.to_string());
         let mut cmd = Command::new("sh");
         cmd.arg("-c")
             .arg(format!("exec {command}"))
@@ -280,41 +393,29 @@ impl ReplicaRun {
         replica: &Arc<Replica>,
         stop: &mut watch::Receiver<bool>,
     ) -> Ended {
-        let mut ready = false;
-        let mut failures = 0;
+        let mut health = Health::default();
         let ended = loop {
-            let every = if ready {
-                PROBE_WHILE_READY
-            } else {
-                PROBE_WHILE_STARTING
-            };
             tokio::select! {
                 status = child.wait() => break Ended::Exited(status),
                 () = crate::until_true(stop) => break Ended::Stopped,
-                () = sleep(every) => {}
+                () = sleep(health.every()) => {}
             }
-            if probe(replica.addr).await {
-                failures = 0;
-                if !ready {
-                    ready = true;
-                    tracing::info!(
-                        endpoint = self.key.endpoint,
-                        version = self.key.version,
-                        replica = %replica.addr,
-                        "replica ready"
-                    );
-                    self.report(replica, true);
-                }
-            } else if ready {
-                failures += 1;
-                if failures >= FAILED_PROBES_UNREADY {
-                    ready = false;
-                    tracing::warn!(replica = %replica.addr, "replica failed {failures} probes; not ready");
-                    self.report(replica, false);
-                }
+            match health.observe(probe(replica.addr).await) {
+                Some(true) => tracing::info!(
+                    endpoint = self.key.endpoint,
+                    version = self.key.version,
+                    replica = %replica.addr,
+                    "replica ready"
+                ),
+                Some(false) => tracing::warn!(
+                    replica = %replica.addr,
+                    "replica failed {FAILED_PROBES_UNREADY} probes; not ready"
+                ),
+                None => continue,
             }
+            self.report(replica, health.ready);
         };
-        if ready {
+        if health.ready {
             self.report(replica, false);
         }
         if let Ended::Stopped = ended {
