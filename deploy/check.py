@@ -7,10 +7,10 @@
                                    objects to OUTDIR/NAME for kubernetes-validate
 
 `verify` checks custom resources against the CRDs found in the renders (kubernetes-validate
-knows built-in kinds only), and the references between objects of one render: Service and
-PodDisruptionBudget selectors, named ports, mounted ConfigMaps and Secrets, service
-accounts and bindings, ScoringEndpoint keys Secrets, Services and Deployments, and that a
-pod running `scorefront serve` gives it time to drain.
+knows built-in kinds only), and the references between objects of one render: Service,
+PodDisruptionBudget and NetworkPolicy selectors, named ports, mounted ConfigMaps and
+Secrets, service accounts and bindings, ScoringEndpoint keys Secrets, Services and
+Deployments, and that a pod running `scorefront serve` gives it time to drain.
 """
 
 import base64
@@ -334,6 +334,8 @@ def verify(outdir, paths):
                 check_service(r, d)
             elif d["kind"] == "PodDisruptionBudget":
                 matching_templates(r, d, d["spec"]["selector"].get("matchLabels", {}))
+            elif d["kind"] == "NetworkPolicy":
+                matching_templates(r, d, d["spec"]["podSelector"].get("matchLabels", {}))
             elif d["kind"] in ("RoleBinding", "ClusterRoleBinding"):
                 check_binding(r, d)
             elif d["kind"] in WORKLOADS:
