@@ -106,9 +106,11 @@ pub struct EndpointSpec {
     /// config). Default: the built-in issuer only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_issuers: Option<Vec<String>>,
-    /// The model versions, at most 6.
+    /// The model versions, at most 6, keyed by name (so server-side apply merges them
+    /// one by one).
     #[serde(default)]
     #[schemars(length(max = 6))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
     pub versions: Vec<VersionSpec>,
 }
 
