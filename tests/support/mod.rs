@@ -2,6 +2,7 @@
 //! endpoint documents, a small HTTP client, bounded polling and a Prometheus text reader.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod kubeapi;
 pub mod tls;
 pub mod tokens;
 
