@@ -173,6 +173,9 @@ pub struct VersionSpec {
     /// Endpoints file only: how many copies of `command` run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replica_count: Option<u32>,
+    /// Replica autoscaling from how busy the replicas are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<AutoscaleSpec>,
     /// Cluster only: the Service (in the endpoint's namespace) whose ready pods, listed in
     /// its EndpointSlices, are this version's replicas.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -185,6 +188,36 @@ pub struct VersionSpec {
     /// Service's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deployment: Option<String>,
+}
+
+/// How a version's replica count follows demand (DESIGN.md 1.5).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AutoscaleSpec {
+    /// Default: true for `command` versions without `replicaCount` and for cluster
+    /// versions; a fixed `replicaCount` and autoscaling are exclusive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 1000))]
+    pub min_replicas: Option<u32>,
+    /// Default 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: Option<u32>,
+    /// Percent of the replicas' slots that should be busy (in flight or queued). Default 70.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub target_utilization: Option<u32>,
+    /// How often the replica count is decided. Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub refresh_seconds: Option<u32>,
+    /// How long lower demand must last before scaling down. Default 60.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 86400))]
+    pub scale_down_delay_seconds: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
@@ -306,6 +339,19 @@ pub struct Version {
     pub max_pending: Option<usize>,
     pub scoring_timeout: Duration,
     pub replicas: ReplicaSource,
+    /// `None`: the replica count is fixed (or not the router's to set).
+    pub autoscale: Option<Autoscale>,
+}
+
+/// Validated autoscaling settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Autoscale {
+    pub min_replicas: u32,
+    pub max_replicas: u32,
+    /// Percent, 1..=100.
+    pub target_utilization: u32,
+    pub refresh: Duration,
+    pub scale_down_delay: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -636,6 +682,7 @@ fn validate_version(path: &str, v: &VersionSpec, origin: Origin, errs: &mut Erro
         Origin::File => validate_replicas(path, v, errs),
         Origin::Cluster { namespace, .. } => validate_service(path, v, namespace, errs),
     };
+    let autoscale = validate_autoscale(path, v, &replicas, errs);
     Version {
         name: v.name.clone(),
         traffic_percentile,
@@ -646,7 +693,88 @@ fn validate_version(path: &str, v: &VersionSpec, origin: Origin, errs: &mut Erro
         max_pending: v.max_pending_requests.map(|n| n as usize),
         scoring_timeout: Duration::from_millis(timeout_ms),
         replicas,
+        autoscale,
     }
+}
+
+fn validate_autoscale(
+    path: &str,
+    v: &VersionSpec,
+    replicas: &ReplicaSource,
+    errs: &mut Errors,
+) -> Option<Autoscale> {
+    let field = |name: &str| format!("{path}.autoscale.{name}");
+    let spec = v.autoscale.clone().unwrap_or_default();
+    let scalable = match replicas {
+        ReplicaSource::Fixed(_) => false,
+        ReplicaSource::Command { .. } => v.replica_count.is_none(),
+        ReplicaSource::Service(_) => true,
+    };
+    match (spec.enabled, replicas) {
+        (Some(true), ReplicaSource::Fixed(_)) => errs.push(
+            field("enabled"),
+            "fixed 'replicas' addresses cannot be scaled; give 'command' instead, or remove \
+             autoscale",
+        ),
+        (Some(true), ReplicaSource::Command { .. }) if v.replica_count.is_some() => errs.push(
+            field("enabled"),
+            format!(
+                "a fixed {path}.replicaCount and autoscaling are exclusive (as in azureml); \
+                 remove replicaCount or set autoscale.enabled: false"
+            ),
+        ),
+        (Some(false), ReplicaSource::Command { .. }) if v.replica_count.is_none() => errs.push(
+            format!("{path}.replicaCount"),
+            "is required with 'command' when autoscale.enabled is false",
+        ),
+        _ => {}
+    }
+    let min = spec.min_replicas.unwrap_or(1);
+    let max = spec.max_replicas.unwrap_or(10);
+    let limit = match replicas {
+        ReplicaSource::Command { .. } => MAX_REPLICA_COUNT,
+        _ => 1000,
+    };
+    if !(1..=limit).contains(&max) {
+        errs.push(
+            field("maxReplicas"),
+            format!("{max} is not within 1..={limit}"),
+        );
+    }
+    if min > max {
+        errs.push(
+            field("minReplicas"),
+            format!("{min} is above maxReplicas ({max})"),
+        );
+    }
+    let target = spec.target_utilization.unwrap_or(70);
+    if !(1..=100).contains(&target) {
+        errs.push(
+            field("targetUtilization"),
+            format!("{target} is not a percentage within 1..=100"),
+        );
+    }
+    let refresh = spec.refresh_seconds.unwrap_or(1);
+    if !(1..=3600).contains(&refresh) {
+        errs.push(
+            field("refreshSeconds"),
+            format!("{refresh} is not within 1..=3600"),
+        );
+    }
+    let delay = spec.scale_down_delay_seconds.unwrap_or(60);
+    if delay > 86_400 {
+        errs.push(
+            field("scaleDownDelaySeconds"),
+            format!("{delay} is over a day (86400)"),
+        );
+    }
+    spec.enabled.unwrap_or(scalable).then_some(Autoscale {
+        min_replicas: min,
+        max_replicas: max,
+        target_utilization: target,
+        refresh: Duration::from_secs(refresh.into()),
+        scale_down_delay: Duration::from_secs(delay.into()),
+    })
 }
 
 /// Placeholder a command template must contain.
@@ -726,10 +854,12 @@ fn validate_replicas(path: &str, v: &VersionSpec, errs: &mut Errors) -> ReplicaS
                     );
                     1
                 }
-                None => {
-                    errs.push(field("replicaCount"), "is required with 'command'");
-                    1
-                }
+                // Autoscaled: the autoscaler sets the count, from minReplicas.
+                None => v
+                    .autoscale
+                    .as_ref()
+                    .and_then(|a| a.min_replicas)
+                    .unwrap_or(1),
             };
             ReplicaSource::Command {
                 template: template.clone(),
@@ -873,7 +1003,6 @@ spec:
             "spec.versions[0].name: 'Blue'",
             "spec.versions[0].replicas[0]: 'x' is not an IP:port",
             "spec.versions[1].command: must contain {port}",
-            "spec.versions[1].replicaCount: is required",
             "spec.versions: trafficPercentile values add up to 110",
             "spec.versions: versions [0, 1] all say isDefault",
             "spec.versions: 2 versions have role: control",
@@ -1037,5 +1166,55 @@ versions:
         let rules = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
             ["x-kubernetes-validations"];
         assert_eq!(rules.as_array().unwrap().len(), 6, "{rules}");
+    }
+
+    #[test]
+    fn autoscaling_defaults_and_exclusions() {
+        let scaled = |versions: &str| {
+            let d = doc(&format!("{BASE}{versions}"));
+            validate_document(&d).map(|ep| ep.versions[0].autoscale)
+        };
+        let a = scaled("  - {name: a, command: 'm {port}'}\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (a.min_replicas, a.max_replicas, a.target_utilization),
+            (1, 10, 70)
+        );
+        assert_eq!(a.refresh, Duration::from_secs(1));
+        assert_eq!(a.scale_down_delay, Duration::from_secs(60));
+        let fixed = "  - {name: a, command: 'm {port}', replicaCount: 2}\n";
+        assert_eq!(scaled(fixed).unwrap(), None);
+        assert_eq!(
+            scaled("  - {name: a, replicas: ['127.0.0.1:1']}\n").unwrap(),
+            None
+        );
+        let both =
+            "  - {name: a, command: 'm {port}', replicaCount: 2, autoscale: {enabled: true}}\n";
+        let errs = errors(both);
+        assert!(
+            errs[0].starts_with(
+                "spec.versions[0].autoscale.enabled: a fixed spec.versions[0].replicaCount"
+            ),
+            "{errs:?}"
+        );
+        let errs = errors("  - {name: a, command: 'm {port}', autoscale: {enabled: false}}\n");
+        assert!(
+            errs[0].starts_with("spec.versions[0].replicaCount: is required"),
+            "{errs:?}"
+        );
+        let errs = errors(
+            "  - {name: a, command: 'm {port}', autoscale: {minReplicas: 5, maxReplicas: 2, targetUtilization: 0}}\n",
+        );
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        // azureml's sizing example: the count starts at minReplicas.
+        let d = doc(&format!(
+            "{BASE}  - {{name: a, command: 'm {{port}}', autoscale: {{minReplicas: 3}}}}\n"
+        ));
+        let v = &validate_document(&d).unwrap().versions[0];
+        assert!(matches!(
+            v.replicas,
+            ReplicaSource::Command { count: 3, .. }
+        ));
     }
 }

@@ -153,6 +153,7 @@ mod tests {
                 max_pending: None,
                 scoring_timeout: std::time::Duration::from_secs(60),
                 replicas: spec::ReplicaSource::Fixed(vec![]),
+                autoscale: None,
             })
             .collect();
         spec::Endpoint {
