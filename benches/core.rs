@@ -31,6 +31,7 @@ fn version(name: &str, pct: u32, default: bool) -> spec::Version {
         max_pending: None,
         scoring_timeout: Duration::from_secs(60),
         replicas: spec::ReplicaSource::Fixed(Vec::new()),
+        autoscale: None,
     }
 }
 
