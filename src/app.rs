@@ -12,10 +12,16 @@ use tokio::{
 };
 
 use crate::{
+    autoscale::{
+        Actuator, Autoscaler,
+        actuator::{Actuators, DryRun},
+    },
+    config::ClusterPurpose,
     discovery::{
         file::{self, Watcher},
         index::{Event, Index},
         kubernetes,
+        process::Supervisor,
     },
     metrics::Metrics,
     proxy::Proxy,
@@ -105,9 +111,34 @@ pub async fn start(config_path: &Path, listeners: Listeners) -> anyhow::Result<A
     };
 
     let probe_fixed = config.readiness.require_ready_replicas;
-    let mut index = Index::new(proxy.clone(), workdir, probe_fixed, events.clone());
+    let mut index = Index::new(proxy.clone(), probe_fixed);
     index.apply(Event::Endpoints(endpoints));
     let generation = index.generation();
+    let (scale, scale_rx) = mpsc::unbounded_channel();
+    let supervisor = Supervisor::new(workdir, probe_fixed, events.clone());
+    let supervising = supervisor.run(index.definitions(), scale_rx, stop_rx.clone());
+    let autoscaler = match (config.cluster_purpose, config.autoscaler.dry_run) {
+        (ClusterPurpose::DevTest, _) => {
+            tracing::info!("clusterPurpose is DevTest: autoscaling is off");
+            None
+        }
+        (_, dry_run) => {
+            let actuators = Actuators {
+                local: scale,
+                cluster: None,
+            };
+            let actuator: Arc<dyn Actuator> = if dry_run {
+                tracing::info!("autoscaler in dry run: decisions are logged, not applied");
+                Arc::new(DryRun(actuators))
+            } else {
+                Arc::new(actuators)
+            };
+            Some(Autoscaler {
+                proxy: proxy.clone(),
+                actuator,
+            })
+        }
+    };
 
     let grace = config.grace_period();
     let watcher = Watcher {
@@ -173,7 +204,12 @@ pub async fn start(config_path: &Path, listeners: Listeners) -> anyhow::Result<A
             stop_rx.clone(),
         )),
         tokio::spawn(watching),
+        // Stops local replicas at shutdown, after the data plane has drained.
+        tokio::spawn(supervising),
     ]);
+    if let Some(autoscaler) = autoscaler {
+        others.push(tokio::spawn(autoscaler.run(stop_rx.clone())));
+    }
     Ok(App {
         data,
         index: tokio::spawn(index.run(events_rx, stop_rx)),

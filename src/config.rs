@@ -32,6 +32,9 @@
 //!   #   kubeconfig: kubeconfig.yaml  # default: in-cluster config, then the usual kubeconfig
 //! readiness:
 //!   requireReadyReplicas: false  # true: /readyz also needs a ready replica per endpoint
+//! clusterPurpose: FastProd    # DevTest: no autoscaling anywhere (as in azureml)
+//! autoscaler:
+//!   dryRun: false             # true: decide, log and export, change nothing
 //! maxRequestBodyBytes: 104857600
 //! shutdownGracePeriodSeconds: 30
 //! reloadIntervalMs: 1000
@@ -76,6 +79,26 @@ pub struct RouterConfig {
     pub auth: AuthConfig,
     #[serde(default)]
     pub readiness: ReadinessConfig,
+    /// `DevTest` turns the autoscaler off everywhere, as in azureml. Default `FastProd`.
+    #[serde(default)]
+    pub cluster_purpose: ClusterPurpose,
+    #[serde(default)]
+    pub autoscaler: AutoscalerConfig,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum ClusterPurpose {
+    #[default]
+    FastProd,
+    DevTest,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AutoscalerConfig {
+    /// Decide, log and export the counts, and change nothing. Default false.
+    #[serde(default)]
+    pub dry_run: bool,
 }
 
 /// What `/readyz` requires besides a synced routing table and not draining.

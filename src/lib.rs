@@ -2,10 +2,12 @@
 //!
 //! Layout: [`proxy`] is the data plane (one request top to bottom); [`discovery`] turns
 //! endpoint sources into routing tables; [`server`] owns listeners and the admin port;
-//! [`app`] wires them together and runs the lifecycle.
+//! [`autoscale`] sets replica counts from demand; [`app`] wires them together and runs the
+//! lifecycle.
 
 pub mod accesslog;
 pub mod app;
+pub mod autoscale;
 pub mod config;
 pub mod discovery;
 pub mod error;

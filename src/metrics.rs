@@ -9,7 +9,7 @@
 use std::sync::Mutex;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -47,6 +47,9 @@ pub struct Metrics {
     kube_last_sync: IntGaugeVec,
     kube_objects: IntGaugeVec,
     kube_status_writes: IntCounterVec,
+    utilization: GaugeVec,
+    desired_replicas: IntGaugeVec,
+    scale_events: IntCounterVec,
     /// Serializes scrapes: each one resets and refills the gauges.
     scrape: Mutex<()>,
 }
@@ -177,6 +180,28 @@ impl Metrics {
                 &["result"],
             )
             .expect("valid counter"),
+            utilization: GaugeVec::new(
+                Opts::new(
+                    "scorefront_utilization_ratio",
+                    "Autoscaled versions: peak requests in flight and waiting over the ready \
+                     replicas' slots, at the last decision.",
+                ),
+                ev,
+            )
+            .expect("valid gauge"),
+            desired_replicas: gauge(
+                "scorefront_desired_replicas",
+                "Autoscaled versions: the replica count the autoscaler asks for.",
+                ev,
+            ),
+            scale_events: IntCounterVec::new(
+                Opts::new(
+                    "scorefront_scale_events_total",
+                    "Changes of an autoscaled version's replica count, by direction (up, down).",
+                ),
+                &["endpoint", "version", "direction"],
+            )
+            .expect("valid counter"),
             scrape: Mutex::new(()),
         };
         for c in [
@@ -192,6 +217,9 @@ impl Metrics {
             Box::new(m.kube_last_sync.clone()),
             Box::new(m.kube_objects.clone()),
             Box::new(m.kube_status_writes.clone()),
+            Box::new(m.utilization.clone()),
+            Box::new(m.desired_replicas.clone()),
+            Box::new(m.scale_events.clone()),
         ] {
             m.registry.register(c).expect("metric names are unique");
         }
@@ -254,6 +282,32 @@ impl Metrics {
 
     pub fn kube_status_write(&self, result: &str) {
         self.kube_status_writes.with_label_values(&[result]).inc();
+    }
+
+    pub fn set_autoscaled(&self, endpoint: &str, version: &str, utilization: f64, desired: u32) {
+        let l = &[endpoint, version];
+        self.utilization.with_label_values(l).set(utilization);
+        self.desired_replicas
+            .with_label_values(l)
+            .set(i64::from(desired));
+    }
+
+    pub fn count_scale_event(&self, endpoint: &str, version: &str, direction: &str) {
+        self.scale_events
+            .with_label_values(&[endpoint, version, direction])
+            .inc();
+    }
+
+    /// Drops the autoscaling series of a version that is no longer autoscaled.
+    pub fn forget_autoscaled(&self, endpoint: &str, version: &str) {
+        let l = &[endpoint, version];
+        let _ = self.utilization.remove_label_values(l);
+        let _ = self.desired_replicas.remove_label_values(l);
+        for direction in ["up", "down"] {
+            let _ = self
+                .scale_events
+                .remove_label_values(&[endpoint, version, direction]);
+        }
     }
 
     /// Renders every metric in the Prometheus text format, with the live gauges of every

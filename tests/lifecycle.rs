@@ -1074,7 +1074,7 @@ async fn check_config_summarises_or_lists_every_error() {
             "[{name: Blue, trafficPercentile: 150, replicas: ['127.0.0.1:5001']}]"
         ),
         "apiVersion: scorefront.io/v1\nkind: ScoringEndpoint\nmetadata: {name: spam}\n\
-         spec:\n  versions: [{name: a, command: 'python3 model.py'}]\n",
+         spec:\n  versions: [{name: a, command: 'python3 model.py', autoscale: {enabled: false}}]\n",
         "apiVersion: scorefront.io/v1\nkind: ScoringEndpoint\nmetadata: {name: eggs}\n\
          spec: {authMode: none, versions: [{name: a, replicas: ['127.0.0.1:1']}], extra: 1}\n",
     );

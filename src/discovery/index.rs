@@ -1,5 +1,9 @@
 //! The index: folds discovery events into its state and publishes routing tables.
 //!
+//! It owns what is routable; it starts and stops nothing. The definitions it accepts are
+//! published on a watch channel for the process supervisor, which reports back the local
+//! replicas it runs as events like any other source.
+//!
 //! It owns the identity of capacity: one [`VersionSlots`] per (endpoint, version), kept
 //! across reloads, so in-flight counts and queues survive a table swap; a version that
 //! disappears has its replicas withdrawn (its running requests finish). Replica membership
@@ -12,15 +16,14 @@
 //! count and its pooled connections.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
-    path::PathBuf,
     sync::Arc,
 };
 
 use tokio::sync::{mpsc, watch};
 
-use super::process::{ProcessKey, Supervisor};
+use super::process::ProcessKey;
 use crate::{
     proxy::{
         Proxy,
@@ -131,20 +134,21 @@ pub struct Index {
     services: HashMap<ServiceKey, Vec<(VersionKey, Option<PortRef>)>>,
     /// The replicas of each Service-backed version, routable or not, by address.
     pod_replicas: HashMap<VersionKey, HashMap<SocketAddr, Arc<Replica>>>,
-    supervisor: Supervisor,
+    /// Whether fixed addresses are routable only while their probes pass (the
+    /// supervisor probes them and reports them like local replicas).
+    probe_fixed: bool,
+    /// The replica sets the supervisor runs for the current definitions; events of
+    /// others are stale.
+    local: HashSet<ProcessKey>,
+    /// The definitions in force, for the supervisor.
+    definitions: watch::Sender<Arc<Vec<spec::Endpoint>>>,
     /// Counts published tables, for whoever wants to know a reload took effect.
     generation: watch::Sender<u64>,
 }
 
 impl Index {
-    /// `workdir` is where replica commands run (the endpoints file's folder); with
-    /// `probe_fixed`, fixed addresses are routable only while their probes pass.
-    pub fn new(
-        proxy: Arc<Proxy>,
-        workdir: PathBuf,
-        probe_fixed: bool,
-        events: mpsc::UnboundedSender<Event>,
-    ) -> Self {
+    /// With `probe_fixed`, fixed addresses are routable only while their probes pass.
+    pub fn new(proxy: Arc<Proxy>, probe_fixed: bool) -> Self {
         Index {
             proxy,
             slots: HashMap::new(),
@@ -152,13 +156,20 @@ impl Index {
             pods: HashMap::new(),
             services: HashMap::new(),
             pod_replicas: HashMap::new(),
-            supervisor: Supervisor::new(workdir, probe_fixed, events),
+            probe_fixed,
+            local: HashSet::new(),
+            definitions: watch::Sender::new(Arc::new(Vec::new())),
             generation: watch::Sender::new(0),
         }
     }
 
     pub fn generation(&self) -> watch::Receiver<u64> {
         self.generation.subscribe()
+    }
+
+    /// The definitions in force, published whole each time they change.
+    pub fn definitions(&self) -> watch::Receiver<Arc<Vec<spec::Endpoint>>> {
+        self.definitions.subscribe()
     }
 
     pub fn apply(&mut self, event: Event) {
@@ -169,7 +180,7 @@ impl Index {
                 replica,
                 ready,
             } => {
-                if !self.supervisor.is_current(&key) {
+                if !self.local.contains(&key) {
                     return; // a replica of a set that has since been replaced
                 }
                 let list = self.ready.entry(key.clone()).or_default();
@@ -200,8 +211,16 @@ impl Index {
     }
 
     fn set_endpoints(&mut self, endpoints: Vec<spec::Endpoint>) {
-        self.supervisor.reconcile(&endpoints);
-        self.ready.retain(|k, _| self.supervisor.is_current(k));
+        self.local = (endpoints.iter())
+            .flat_map(|ep| ep.versions.iter().map(move |v| (ep, v)))
+            .filter(|(_, v)| match v.replicas {
+                ReplicaSource::Command { .. } => true,
+                ReplicaSource::Fixed(_) => self.probe_fixed,
+                ReplicaSource::Service(_) => false,
+            })
+            .map(|(ep, v)| ProcessKey::of(ep, v))
+            .collect();
+        self.ready.retain(|k, _| self.local.contains(k));
         self.services.clear();
         for ep in &endpoints {
             for v in &ep.versions {
@@ -229,7 +248,7 @@ impl Index {
                     None => VersionSlots::new(&v.name, v.slots_per_replica, v.max_pending),
                 };
                 slots.set_replicas(match &v.replicas {
-                    ReplicaSource::Fixed(addrs) if !self.supervisor.probes_fixed() => {
+                    ReplicaSource::Fixed(addrs) if !self.probe_fixed => {
                         addrs.iter().map(|a| Arc::new(Replica::new(*a))).collect()
                     }
                     ReplicaSource::Fixed(_) | ReplicaSource::Command { .. } => self
@@ -256,10 +275,11 @@ impl Index {
         });
         tracing::info!(endpoints = table.len(), "routing table published");
         self.proxy.publish(table);
+        self.definitions.send_replace(Arc::new(endpoints));
         self.generation.send_modify(|g| *g += 1);
     }
 
-    /// Applies events until `stop` turns true, then stops every local replica.
+    /// Applies events until `stop` turns true.
     pub async fn run(
         mut self,
         mut events: mpsc::UnboundedReceiver<Event>,
@@ -268,9 +288,8 @@ impl Index {
         loop {
             tokio::select! {
                 Some(event) = events.recv() => self.apply(event),
-                () = crate::until_true(&mut stop) => break,
+                () = crate::until_true(&mut stop) => return,
             }
         }
-        self.supervisor.shutdown().await;
     }
 }

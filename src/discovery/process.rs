@@ -82,6 +82,14 @@ impl ProcessKey {
 struct ReplicaTask {
     stop: watch::Sender<bool>,
     join: JoinHandle<()>,
+    /// The replica the task runs now, if any: scaling down stops the least busy.
+    replica: watch::Receiver<Option<Arc<Replica>>>,
+}
+
+impl ReplicaTask {
+    fn in_flight(&self) -> u32 {
+        self.replica.borrow().as_ref().map_or(0, |r| r.in_flight())
+    }
 }
 
 impl ReplicaTask {
@@ -91,7 +99,16 @@ impl ReplicaTask {
     }
 }
 
-/// Starts and stops replica tasks to match the endpoints. Owned by the index.
+/// A replica count for an autoscaled set, from the autoscaler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scale {
+    pub key: ProcessKey,
+    pub replicas: u32,
+}
+
+/// Starts and stops replica tasks to match the definitions the index publishes, with the
+/// counts of autoscaled sets from the autoscaler. Owned by its task ([`Supervisor::run`]);
+/// it reports replicas to the index as events.
 pub struct Supervisor {
     workdir: PathBuf,
     /// Whether fixed addresses are probed (and routable only while they pass).
@@ -100,6 +117,8 @@ pub struct Supervisor {
     sets: HashMap<ProcessKey, Vec<ReplicaTask>>,
     /// Tasks told to stop, still draining or terminating their process.
     retiring: Vec<JoinHandle<()>>,
+    /// The count the autoscaler last asked for, per autoscaled set.
+    scaled: HashMap<ProcessKey, u32>,
 }
 
 impl Supervisor {
@@ -110,25 +129,48 @@ impl Supervisor {
             events,
             sets: HashMap::new(),
             retiring: Vec::new(),
+            scaled: HashMap::new(),
         }
     }
 
-    /// Whether fixed addresses are routable only while their probes pass.
-    pub fn probes_fixed(&self) -> bool {
-        self.probe_fixed
+    /// Follows `definitions` and `scale` requests until `stop` turns true, then stops
+    /// every replica and returns once their processes are gone.
+    pub async fn run(
+        mut self,
+        mut definitions: watch::Receiver<Arc<Vec<spec::Endpoint>>>,
+        mut scale: mpsc::UnboundedReceiver<Scale>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut current = definitions.borrow_and_update().clone();
+        self.reconcile(&current);
+        loop {
+            tokio::select! {
+                Ok(()) = definitions.changed() => {
+                    current = definitions.borrow_and_update().clone();
+                }
+                Some(Scale { key, replicas }) = scale.recv() => {
+                    self.scaled.insert(key, replicas);
+                }
+                () = crate::until_true(&mut stop) => break,
+            }
+            self.reconcile(&current);
+        }
+        self.shutdown().await;
     }
 
-    /// Whether replicas of `key` are still wanted.
-    pub fn is_current(&self, key: &ProcessKey) -> bool {
-        self.sets.contains_key(key)
-    }
-
-    pub fn reconcile(&mut self, endpoints: &[spec::Endpoint]) {
+    fn reconcile(&mut self, endpoints: &[spec::Endpoint]) {
         let mut wanted = HashMap::new();
         for ep in endpoints {
             for v in &ep.versions {
                 let what = match &v.replicas {
-                    ReplicaSource::Command { count, .. } => Want::Processes(*count as usize),
+                    ReplicaSource::Command { count, .. } => {
+                        let count = match v.autoscale {
+                            Some(a) => (self.scaled.get(&ProcessKey::of(ep, v)))
+                                .map_or(*count, |n| (*n).clamp(a.min_replicas, a.max_replicas)),
+                            None => *count,
+                        };
+                        Want::Processes(count as usize)
+                    }
                     ReplicaSource::Fixed(addrs) if self.probe_fixed => Want::Probes(addrs.clone()),
                     _ => continue,
                 };
@@ -136,6 +178,7 @@ impl Supervisor {
             }
         }
         self.retiring.retain(|j| !j.is_finished());
+        self.scaled.retain(|k, _| wanted.contains_key(k));
         let stale: Vec<ProcessKey> = self
             .sets
             .keys()
@@ -161,38 +204,63 @@ impl Supervisor {
                     if set.is_empty() {
                         for addr in addrs {
                             let (stop, stop_rx) = watch::channel(false);
+                            let replica = Arc::new(Replica::new(addr));
+                            let (_, current) = watch::channel(Some(replica.clone()));
                             let join = tokio::spawn(probe_fixed(
                                 key.clone(),
-                                addr,
+                                replica,
                                 self.events.clone(),
                                 stop_rx,
                             ));
-                            set.push(ReplicaTask { stop, join });
+                            set.push(ReplicaTask {
+                                stop,
+                                join,
+                                replica: current,
+                            });
                         }
                     }
                     continue;
                 }
             };
+            if set.len() != count {
+                tracing::info!(
+                    endpoint = key.endpoint,
+                    version = key.version,
+                    from = set.len(),
+                    to = count,
+                    "replica count changes"
+                );
+            }
             while set.len() > count {
-                let task = set.pop().expect("len > count >= 0");
-                self.retiring.push(task.retire());
+                // The least busy goes: it is withdrawn first, its requests finish, then
+                // its process stops.
+                let least = (0..set.len())
+                    .min_by_key(|&i| set[i].in_flight())
+                    .expect("len > count >= 0");
+                self.retiring.push(set.swap_remove(least).retire());
             }
             while set.len() < count {
                 let (stop, stop_rx) = watch::channel(false);
+                let (current, replica) = watch::channel(None);
                 let run = ReplicaRun {
                     key: key.clone(),
                     workdir: self.workdir.clone(),
                     events: self.events.clone(),
                     drain,
+                    current,
                 };
                 let join = tokio::spawn(run.run(stop_rx));
-                set.push(ReplicaTask { stop, join });
+                set.push(ReplicaTask {
+                    stop,
+                    join,
+                    replica,
+                });
             }
         }
     }
 
     /// Stops every replica and waits until their processes are gone.
-    pub async fn shutdown(&mut self) {
+    async fn shutdown(&mut self) {
         let tasks: Vec<JoinHandle<()>> = self
             .sets
             .drain()
@@ -254,11 +322,11 @@ impl Health {
 /// readiness.
 async fn probe_fixed(
     key: ProcessKey,
-    addr: SocketAddr,
+    replica: Arc<Replica>,
     events: mpsc::UnboundedSender<Event>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let replica = Arc::new(Replica::new(addr));
+    let addr = replica.addr;
     let report = |ready| {
         let _ = events.send(Event::Replica {
             key: key.clone(),
@@ -290,6 +358,8 @@ struct ReplicaRun {
     events: mpsc::UnboundedSender<Event>,
     /// Longest wait for running requests before stopping the process.
     drain: Duration,
+    /// The replica running now, for the supervisor.
+    current: watch::Sender<Option<Arc<Replica>>>,
 }
 
 enum Ended {
@@ -303,21 +373,24 @@ impl ReplicaRun {
         while !*stop.borrow() {
             let started = Instant::now();
             match self.start() {
-                Ok((child, replica)) => match self.supervise(child, &replica, &mut stop).await {
-                    Ended::Stopped => return,
-                    Ended::Exited(status) => {
-                        if started.elapsed() >= STABLE_RUN {
-                            backoff = BACKOFF_FIRST;
+                Ok((child, replica)) => {
+                    self.current.send_replace(Some(replica.clone()));
+                    match self.supervise(child, &replica, &mut stop).await {
+                        Ended::Stopped => return,
+                        Ended::Exited(status) => {
+                            if started.elapsed() >= STABLE_RUN {
+                                backoff = BACKOFF_FIRST;
+                            }
+                            tracing::warn!(
+                                endpoint = self.key.endpoint,
+                                version = self.key.version,
+                                replica = %replica.addr,
+                                status = ?status,
+                                "replica exited; restarting in {backoff:?}"
+                            );
                         }
-                        tracing::warn!(
-                            endpoint = self.key.endpoint,
-                            version = self.key.version,
-                            replica = %replica.addr,
-                            status = ?status,
-                            "replica exited; restarting in {backoff:?}"
-                        );
                     }
-                },
+                }
                 Err(e) => tracing::error!(
                     endpoint = self.key.endpoint,
                     version = self.key.version,
