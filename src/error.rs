@@ -5,8 +5,6 @@
 //! headers listed in DESIGN.md 1.3. Model responses never pass through here: 4xx and 5xx
 //! from a replica are forwarded unchanged.
 
-use std::time::Duration;
-
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
 
@@ -52,14 +50,34 @@ pub enum ClientError {
     BadPath,
 }
 
+/// `retry_after`: seconds until a slot is likely to be free for a newcomer, estimated
+/// from the live queue; sent as `Retry-After`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CapacityError {
     #[error("version '{version}' already has {limit} requests waiting for a replica")]
-    TooManyPending { version: String, limit: usize },
+    TooManyPending {
+        version: String,
+        limit: usize,
+        retry_after: u32,
+    },
     #[error("no replica of version '{version}' had a free slot within {waited_ms} ms")]
-    QueueTimeout { version: String, waited_ms: u64 },
+    QueueTimeout {
+        version: String,
+        waited_ms: u64,
+        retry_after: u32,
+    },
     #[error("version '{version}' has no ready replica")]
-    NoReadyReplicas { version: String },
+    NoReadyReplicas { version: String, retry_after: u32 },
+}
+
+impl CapacityError {
+    pub fn retry_after(&self) -> u32 {
+        match self {
+            CapacityError::TooManyPending { retry_after, .. }
+            | CapacityError::QueueTimeout { retry_after, .. }
+            | CapacityError::NoReadyReplicas { retry_after, .. } => *retry_after,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -72,9 +90,6 @@ pub enum UpstreamError {
     #[error("version '{version}' did not answer within {timeout_ms} ms")]
     Timeout { version: String, timeout_ms: u64 },
 }
-
-/// Seconds a client is told to wait after a capacity error.
-const RETRY_AFTER: HeaderValue = HeaderValue::from_static("1");
 
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
@@ -133,7 +148,7 @@ impl ProxyError {
                     "Bearer"
                 }),
             )),
-            ProxyError::Capacity(_) => Some((header::RETRY_AFTER, RETRY_AFTER)),
+            ProxyError::Capacity(e) => Some((header::RETRY_AFTER, e.retry_after().into())),
             _ => None,
         }
     }
@@ -153,14 +168,6 @@ impl ProxyError {
             "error": { "code": self.code(), "message": self.to_string() }
         });
         Bytes::from(body.to_string())
-    }
-
-    pub fn queue_timeout(version: &str, waited: Duration) -> Self {
-        CapacityError::QueueTimeout {
-            version: version.to_owned(),
-            waited_ms: waited.as_millis() as u64,
-        }
-        .into()
     }
 }
 
@@ -191,9 +198,13 @@ mod tests {
         let full = ProxyError::from(CapacityError::TooManyPending {
             version: "blue".into(),
             limit: 2,
+            retry_after: 7,
         });
         assert_eq!(full.status(), StatusCode::TOO_MANY_REQUESTS);
-        assert_eq!(full.extra_header().unwrap().0, header::RETRY_AFTER);
+        assert_eq!(
+            full.extra_header().unwrap(),
+            (header::RETRY_AFTER, HeaderValue::from(7))
+        );
         let denied = ProxyError::from(ClientError::Unauthorized {
             token: false,
             reason: Reason::InvalidKey,

@@ -20,13 +20,16 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU32, AtomicUsize, Ordering::SeqCst},
+        atomic::{
+            AtomicU32, AtomicU64, AtomicUsize,
+            Ordering::{Relaxed, SeqCst},
+        },
     },
     time::Duration,
 };
 
 use arc_swap::ArcSwap;
-use tokio::sync::oneshot;
+use tokio::{sync::oneshot, time::Instant};
 
 use super::forward::ConnPool;
 use crate::error::CapacityError;
@@ -75,6 +78,9 @@ pub struct VersionSlots {
     in_flight: AtomicUsize,
     /// Live waiters: incremented under the queue lock, decremented when a waiter leaves.
     queued: AtomicUsize,
+    /// How long a slot is held, on average lately (an exponentially weighted moving
+    /// average, in microseconds; 0 until the first release).
+    hold_us: AtomicU64,
     /// Waiters in arrival order, each with the replica it must not get (a retry's).
     /// Entries whose receiver is gone are skipped and purged.
     queue: Mutex<VecDeque<Waiter>>,
@@ -94,6 +100,7 @@ impl VersionSlots {
             max_pending: AtomicUsize::new(max_pending.unwrap_or(AUTO)),
             in_flight: AtomicUsize::new(0),
             queued: AtomicUsize::new(0),
+            hold_us: AtomicU64::new(0),
             queue: Mutex::new(VecDeque::new()),
         })
     }
@@ -152,6 +159,29 @@ impl VersionSlots {
         }
     }
 
+    /// Seconds until a slot is likely to free for a newcomer: everyone queued ahead of it
+    /// served by every slot at the recent pace (a second per request until one ended),
+    /// within 1..=60.
+    pub fn retry_after(&self) -> u32 {
+        let slots = self.replicas.load().len() as u64 * u64::from(self.slots_per_replica());
+        let hold_us = match self.hold_us.load(Relaxed) {
+            0 => 1_000_000,
+            us => us,
+        };
+        let ahead = self.queued.load(SeqCst) as u64 + 1;
+        let us = ahead.saturating_mul(hold_us) / slots.max(1);
+        us.div_ceil(1_000_000).clamp(1, 60) as u32
+    }
+
+    /// Folds a slot's holding time into the average (weight 1/8; concurrent updates may
+    /// lose one another, which an estimate can afford).
+    fn observe_hold(&self, held: Duration) {
+        let us = u64::try_from(held.as_micros()).unwrap_or(u64::MAX).max(1);
+        let old = self.hold_us.load(Relaxed);
+        let new = if old == 0 { us } else { old - old / 8 + us / 8 };
+        self.hold_us.store(new.max(1), Relaxed);
+    }
+
     /// Takes a slot, waiting up to `max_wait` in FIFO order when every replica is full.
     pub async fn acquire(self: &Arc<Self>, max_wait: Duration) -> Result<Slot, CapacityError> {
         self.acquire_avoiding(max_wait, None).await
@@ -177,6 +207,7 @@ impl VersionSlots {
                 return Err(CapacityError::TooManyPending {
                     version: self.name.clone(),
                     limit,
+                    retry_after: self.retry_after(),
                 });
             }
             self.queued.fetch_add(1, SeqCst);
@@ -193,19 +224,23 @@ impl VersionSlots {
             queue.push_back((tx, avoid.cloned()));
             rx
         };
-        let _waiting = Waiting(&self.queued);
-        match tokio::time::timeout(max_wait, rx).await {
+        let waiting = Waiting(&self.queued);
+        let waited = tokio::time::timeout(max_wait, rx).await;
+        drop(waiting); // out of the queue before estimating the wait for the next one
+        match waited {
             Ok(Ok(slot)) => Ok(slot),
             // The sender is only dropped unsent when the queue is purged of dead
             // entries, which ours is not while we wait; treat it like a timeout.
             Ok(Err(_)) | Err(_) => Err(if self.replicas.load().is_empty() {
                 CapacityError::NoReadyReplicas {
                     version: self.name.clone(),
+                    retry_after: self.retry_after(),
                 }
             } else {
                 CapacityError::QueueTimeout {
                     version: self.name.clone(),
                     waited_ms: max_wait.as_millis() as u64,
+                    retry_after: self.retry_after(),
                 }
             }),
         }
@@ -275,6 +310,7 @@ impl VersionSlots {
         Slot {
             version: self.clone(),
             replica: Some(replica),
+            taken: Instant::now(),
         }
     }
 
@@ -344,6 +380,8 @@ pub struct Slot {
     version: Arc<VersionSlots>,
     /// Always `Some` until drop.
     replica: Option<Arc<Replica>>,
+    /// When the request got it, for the holding-time average.
+    taken: Instant,
 }
 
 impl Slot {
@@ -365,6 +403,7 @@ impl Drop for Slot {
             return;
         };
         let version = self.version.clone();
+        version.observe_hold(self.taken.elapsed());
         // Hand the slot straight to a waiter when its replica still takes traffic and
         // is within the (possibly reloaded) limit; otherwise free it.
         if version.queued.load(SeqCst) > 0
@@ -374,6 +413,7 @@ impl Drop for Slot {
             let slot = Slot {
                 version: version.clone(),
                 replica: Some(replica),
+                taken: Instant::now(),
             };
             match version.hand_off(slot) {
                 None => return,
@@ -470,6 +510,37 @@ mod tests {
         );
         drop(held);
         assert_eq!(v.in_flight(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_follows_the_queue_and_the_pace_of_requests() {
+        let v = VersionSlots::new("blue", 1, Some(100));
+        v.set_replicas(replicas(&addrs(2)));
+        assert_eq!(v.retry_after(), 1, "a second per request until one ended");
+        // Requests that hold their slot 4 s: a newcomer behind three waiters, served by
+        // two slots, waits about (3 + 1) x 4 s / 2.
+        let held: Vec<Slot> = (0..2).map(|_| v.try_acquire(None).unwrap()).collect();
+        tokio::time::advance(Duration::from_secs(4)).await;
+        drop(held);
+        let held: Vec<Slot> = (0..2).map(|_| v.try_acquire(None).unwrap()).collect();
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let v = v.clone();
+                tokio::spawn(async move { v.acquire(Duration::from_secs(60)).await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        assert_eq!(v.queued(), 3);
+        assert_eq!(v.retry_after(), 8);
+        let err = v.acquire(Duration::from_millis(1)).await.unwrap_err();
+        assert!(
+            matches!(err, CapacityError::QueueTimeout { retry_after: 8, .. }),
+            "the estimate is for the next newcomer: {err:?}"
+        );
+        drop(held);
+        for w in waiters {
+            drop(w.await.unwrap().unwrap());
+        }
     }
 
     #[tokio::test(start_paused = true)]
