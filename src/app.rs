@@ -15,6 +15,7 @@ use crate::{
     autoscale::{
         Actuator, Autoscaler,
         actuator::{Actuators, DryRun},
+        kube::KubeScaler,
     },
     config::ClusterPurpose,
     discovery::{
@@ -123,9 +124,12 @@ pub async fn start(config_path: &Path, listeners: Listeners) -> anyhow::Result<A
             None
         }
         (_, dry_run) => {
+            let cluster = kube.as_ref().map(|(client, ..)| {
+                Box::new(KubeScaler::new(client.clone(), events.clone())) as Box<dyn Actuator>
+            });
             let actuators = Actuators {
                 local: scale,
-                cluster: None,
+                cluster,
             };
             let actuator: Arc<dyn Actuator> = if dry_run {
                 tracing::info!("autoscaler in dry run: decisions are logged, not applied");

@@ -4,10 +4,13 @@
 //! (retrying as it must) so a slow API server never holds up the decisions of other
 //! versions.
 
+use std::sync::Arc;
+
 use tokio::sync::mpsc;
 
 use crate::{
     discovery::process::{ProcessKey, Scale},
+    proxy::slots::VersionSlots,
     spec,
 };
 
@@ -16,8 +19,13 @@ use crate::{
 pub enum Target {
     /// Local processes the supervisor runs.
     Local(ProcessKey),
-    /// A Deployment in a cluster.
-    Deployment { namespace: String, name: String },
+    /// A Deployment in a cluster, running the pods of `version` of `endpoint`.
+    Deployment {
+        namespace: String,
+        name: String,
+        endpoint: String,
+        version: String,
+    },
 }
 
 impl Target {
@@ -32,6 +40,8 @@ impl Target {
             spec::ReplicaSource::Service(s) => Some(Target::Deployment {
                 namespace: s.namespace.clone(),
                 name: s.deployment.clone(),
+                endpoint: endpoint.to_owned(),
+                version: v.name.clone(),
             }),
             spec::ReplicaSource::Fixed(_) => None,
         }
@@ -43,8 +53,9 @@ pub trait Actuator: Send + Sync {
     /// definitions start it at.
     fn current(&self, target: &Target, initial: u32) -> Option<u32>;
 
-    /// Asks for `replicas` of `target`.
-    fn scale(&self, target: &Target, replicas: u32);
+    /// Asks for `replicas` of `target`, whose requests `slots` accounts (to remove the
+    /// least busy replicas when scaling down).
+    fn scale(&self, target: &Target, replicas: u32, slots: &Arc<VersionSlots>);
 }
 
 /// Sets counts on the local process supervisor and, in a cluster, on Deployments.
@@ -64,7 +75,7 @@ impl Actuator for Actuators {
         }
     }
 
-    fn scale(&self, target: &Target, replicas: u32) {
+    fn scale(&self, target: &Target, replicas: u32, slots: &Arc<VersionSlots>) {
         match target {
             Target::Local(key) => {
                 let _ = self.local.send(Scale {
@@ -74,7 +85,7 @@ impl Actuator for Actuators {
             }
             Target::Deployment { .. } => {
                 if let Some(cluster) = &self.cluster {
-                    cluster.scale(target, replicas);
+                    cluster.scale(target, replicas, slots);
                 }
             }
         }
@@ -89,7 +100,7 @@ impl<A: Actuator> Actuator for DryRun<A> {
         self.0.current(target, initial)
     }
 
-    fn scale(&self, target: &Target, replicas: u32) {
+    fn scale(&self, target: &Target, replicas: u32, _: &Arc<VersionSlots>) {
         tracing::info!(?target, replicas, "autoscaler dry run: not applied");
     }
 }

@@ -10,6 +10,7 @@
 //! itself.
 
 pub mod actuator;
+pub mod kube;
 pub mod policy;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
@@ -170,7 +171,7 @@ impl Autoscaler {
         }
         if t.asked != Some(d.desired) {
             t.asked = Some(d.desired);
-            self.actuator.scale(&t.target, d.desired);
+            self.actuator.scale(&t.target, d.desired, &v.slots);
         }
     }
 }

@@ -49,6 +49,12 @@ pub enum Event {
         service: ServiceKey,
         pods: Arc<ServicePods>,
     },
+    /// These pods of a version take no new requests (the autoscaler is about to remove
+    /// them); replaces the version's previous set.
+    Withdraw {
+        version: (String, String),
+        addrs: HashSet<SocketAddr>,
+    },
 }
 
 /// A Service: `(namespace, name)`.
@@ -134,6 +140,8 @@ pub struct Index {
     services: HashMap<ServiceKey, Vec<(VersionKey, Option<PortRef>)>>,
     /// The replicas of each Service-backed version, routable or not, by address.
     pod_replicas: HashMap<VersionKey, HashMap<SocketAddr, Arc<Replica>>>,
+    /// Pods of each version withdrawn from routing ahead of their removal.
+    withdrawn: HashMap<VersionKey, HashSet<SocketAddr>>,
     /// Whether fixed addresses are routable only while their probes pass (the
     /// supervisor probes them and reports them like local replicas).
     probe_fixed: bool,
@@ -156,6 +164,7 @@ impl Index {
             pods: HashMap::new(),
             services: HashMap::new(),
             pod_replicas: HashMap::new(),
+            withdrawn: HashMap::new(),
             probe_fixed,
             local: HashSet::new(),
             definitions: watch::Sender::new(Arc::new(Vec::new())),
@@ -198,16 +207,52 @@ impl Index {
                 } else {
                     self.pods.insert(service.clone(), pods);
                 }
-                let pods = self.pods.get(&service).map(|p| &**p);
-                for (version, port) in self.services.get(&service).into_iter().flatten() {
-                    let known = self.pod_replicas.entry(version.clone()).or_default();
-                    let routable = sync_pods(pods, port.as_ref(), known);
-                    if let Some(slots) = self.slots.get(version) {
-                        slots.set_replicas(routable);
-                    }
+                for (version, port) in self.services.get(&service).cloned().into_iter().flatten() {
+                    self.sync_version(&service, &version, port.as_ref());
+                }
+            }
+            Event::Withdraw { version, addrs } => {
+                self.withdrawn.insert(version.clone(), addrs);
+                let service = (self.services.iter())
+                    .find(|(_, vs)| vs.iter().any(|(v, _)| *v == version))
+                    .map(|(s, vs)| {
+                        let port = vs
+                            .iter()
+                            .find(|(v, _)| *v == version)
+                            .and_then(|(_, p)| p.clone());
+                        (s.clone(), port)
+                    });
+                if let Some((service, port)) = service {
+                    self.sync_version(&service, &version, port.as_ref());
                 }
             }
         }
+    }
+
+    /// Brings the routable pods of `version` in line with `service` and what is withdrawn.
+    fn sync_version(&mut self, service: &ServiceKey, version: &VersionKey, port: Option<&PortRef>) {
+        let routable = self.pod_replicas_of(service, version, port);
+        if let Some(slots) = self.slots.get(version) {
+            slots.set_replicas(routable);
+        }
+    }
+
+    /// The routable replicas of `version` on the pods of `service`.
+    fn pod_replicas_of(
+        &mut self,
+        service: &ServiceKey,
+        version: &VersionKey,
+        port: Option<&PortRef>,
+    ) -> Vec<Arc<Replica>> {
+        let pods = self.pods.get(service).map(|p| &**p);
+        let known = self.pod_replicas.entry(version.clone()).or_default();
+        let mut routable = sync_pods(pods, port, known);
+        if let Some(withdrawn) = self.withdrawn.get_mut(version) {
+            // A withdrawn pod that is gone will not come back under that address.
+            withdrawn.retain(|a| known.contains_key(a));
+            routable.retain(|r| !withdrawn.contains(&r.addr));
+        }
+        routable
     }
 
     fn set_endpoints(&mut self, endpoints: Vec<spec::Endpoint>) {
@@ -233,8 +278,9 @@ impl Index {
             }
         }
         let services = &self.services;
-        self.pod_replicas
-            .retain(|version, _| services.values().flatten().any(|(v, _)| v == version));
+        let used = |version: &VersionKey| services.values().flatten().any(|(v, _)| v == version);
+        self.pod_replicas.retain(|version, _| used(version));
+        self.withdrawn.retain(|version, _| used(version));
 
         let mut kept = HashMap::new();
         for ep in &endpoints {
@@ -257,9 +303,8 @@ impl Index {
                         .cloned()
                         .unwrap_or_default(),
                     ReplicaSource::Service(s) => {
-                        let pods = self.pods.get(&(s.namespace.clone(), s.service.clone()));
-                        let known = self.pod_replicas.entry(id.clone()).or_default();
-                        sync_pods(pods.map(|p| &**p), s.port.as_ref(), known)
+                        let service = (s.namespace.clone(), s.service.clone());
+                        self.pod_replicas_of(&service, &id, s.port.as_ref())
                     }
                 });
                 kept.insert(id, slots);
