@@ -1201,3 +1201,14 @@ async fn sidecar_readiness_waits_for_its_model_to_answer() {
     .await;
     router.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_readme_example_config_is_valid() {
+    let config = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/scorefront.yaml");
+    let (code, out, err) = check_config(&config).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("1 endpoint(s), 2 version(s) (2 with local replicas)"),
+        "{out}"
+    );
+}
