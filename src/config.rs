@@ -237,7 +237,8 @@ pub struct Listen {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EndpointsSource {
-    /// The endpoints file; a relative path is relative to the router config file.
+    /// The endpoints file; a relative path is relative to the router config file's
+    /// folder (as named, symlinks not followed).
     pub file: Option<PathBuf>,
     /// `ScoringEndpoint` objects in a Kubernetes cluster.
     pub kubernetes: Option<KubernetesSource>,
@@ -330,7 +331,12 @@ impl RouterConfig {
         if cfg.listen.https.is_some() && cfg.tls.is_none() {
             anyhow::bail!("{file}: listen.https needs tls.certFile and tls.keyFile");
         }
-        let base = path.parent().unwrap_or(Path::new("."));
+        // Relative to the config's folder as given, made absolute now: a bare file name
+        // has an empty parent, which would make replica commands run nowhere. Symlinks
+        // are not followed, so files of one ConfigMap volume stay on its stable paths.
+        let absolute = std::path::absolute(path)
+            .with_context(|| format!("{file}: cannot make the path absolute"))?;
+        let base = absolute.parent().unwrap_or(Path::new("/"));
         let resolve = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = base.join(&*p);

@@ -899,6 +899,10 @@ async fn replica_that_never_answers_its_probe_gets_no_traffic() {
 // the real binary
 
 /// `scorefront serve` on free ports with two sample model replicas.
+/// How a test names the router config: the folder to run in (or this process's), and the
+/// path given to `--config`.
+type ConfigName = (Option<PathBuf>, PathBuf);
+
 struct Served {
     child: tokio::process::Child,
     http: SocketAddr,
@@ -909,6 +913,15 @@ struct Served {
 impl Served {
     /// `extra` goes after `serve --config FILE`.
     async fn start(extra: &[&str]) -> Served {
+        Self::start_at(extra, |dir| (None, dir.join("scorefront.yaml"))).await
+    }
+
+    /// Like [`Served::start`], with the config named as `name` answers for the folder
+    /// holding both files: from which folder (or this process's), by which path.
+    async fn start_at(
+        extra: &[&str],
+        name: impl Fn(&Path) -> (Option<PathBuf>, PathBuf),
+    ) -> Served {
         let dir = tempfile::tempdir().unwrap();
         let (http, admin) = (unused_addr(), unused_addr());
         std::fs::write(
@@ -925,10 +938,15 @@ impl Served {
         )
         .unwrap();
         let log = std::fs::File::create(dir.path().join("scorefront.log")).unwrap();
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_scorefront"))
+        let (cwd, config) = name(dir.path());
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_scorefront"));
+        if let Some(cwd) = cwd {
+            command.current_dir(cwd);
+        }
+        let child = command
             .arg("serve")
             .arg("--config")
-            .arg(dir.path().join("scorefront.yaml"))
+            .arg(config)
             .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -1211,4 +1229,36 @@ async fn the_readme_example_config_is_valid() {
         out.contains("1 endpoint(s), 2 version(s) (2 with local replicas)"),
         "{out}"
     );
+}
+
+#[tokio::test]
+async fn replicas_start_however_the_config_path_is_written() {
+    let links = tempfile::tempdir().unwrap();
+    let name = |how: &str, dir: &Path| -> ConfigName {
+        match how {
+            "a bare file name" => (Some(dir.to_path_buf()), "scorefront.yaml".into()),
+            "./file" => (Some(dir.to_path_buf()), "./scorefront.yaml".into()),
+            "an absolute path" => (None, dir.join("scorefront.yaml")),
+            _ => {
+                std::os::unix::fs::symlink(dir, links.path().join("conf")).unwrap();
+                (
+                    Some(links.path().to_path_buf()),
+                    "conf/scorefront.yaml".into(),
+                )
+            }
+        }
+    };
+    for how in [
+        "a bare file name",
+        "./file",
+        "an absolute path",
+        "a path through a symlinked folder",
+    ] {
+        let mut served = Served::start_at(&[], |dir| name(how, dir)).await;
+        let pids = served.ready_pids().await;
+        assert_eq!(pids.len(), 2, "{how}: {}", served.log());
+        served.signal(libc::SIGTERM);
+        let status = served.exit_status().await;
+        assert_eq!(status.code(), Some(0), "{how}: {}", served.log());
+    }
 }
