@@ -11,7 +11,7 @@
 //!
 //! This module is schema only: it knows no runtime.
 
-use std::{fmt, net::SocketAddr, time::Duration};
+use std::{fmt, net::SocketAddr, ops::RangeInclusive, time::Duration};
 
 use k8s_openapi::apimachinery::pkg::{apis::meta::v1::Condition, util::intstr::IntOrString};
 use kube::{CustomResource, KubeSchema};
@@ -651,19 +651,13 @@ fn validate_version(path: &str, v: &VersionSpec, origin: Origin, errs: &mut Erro
         errs.push(field("name"), format!("'{}' {NAME_RULE}", v.name));
     }
     let traffic_percentile = v.traffic_percentile.unwrap_or(0);
-    if traffic_percentile > 100 {
-        errs.push(
-            field("trafficPercentile"),
-            format!("{traffic_percentile} is not within 0..=100"),
-        );
-    }
+    errs.within(field("trafficPercentile"), traffic_percentile, 0..=100);
     let slots_per_replica = v.max_concurrent_requests_per_container.unwrap_or(1);
-    if !(1..=10_000).contains(&slots_per_replica) {
-        errs.push(
-            field("maxConcurrentRequestsPerContainer"),
-            format!("{slots_per_replica} is not within 1..=10000"),
-        );
-    }
+    errs.within(
+        field("maxConcurrentRequestsPerContainer"),
+        slots_per_replica,
+        1..=10_000,
+    );
     let max_wait_ms = v.max_request_wait_time_ms.unwrap_or(500);
     if max_wait_ms > MAX_SCORING_TIMEOUT_MS {
         errs.push(
@@ -672,12 +666,11 @@ fn validate_version(path: &str, v: &VersionSpec, origin: Origin, errs: &mut Erro
         );
     }
     let timeout_ms = v.scoring_timeout_ms.unwrap_or(60_000);
-    if !(1..=MAX_SCORING_TIMEOUT_MS).contains(&timeout_ms) {
-        errs.push(
-            field("scoringTimeoutMs"),
-            format!("{timeout_ms} is not within 1..={MAX_SCORING_TIMEOUT_MS}"),
-        );
-    }
+    errs.within(
+        field("scoringTimeoutMs"),
+        timeout_ms,
+        1..=MAX_SCORING_TIMEOUT_MS,
+    );
     let replicas = match origin {
         Origin::File => validate_replicas(path, v, errs),
         Origin::Cluster { namespace, .. } => validate_service(path, v, namespace, errs),
@@ -735,12 +728,7 @@ fn validate_autoscale(
         ReplicaSource::Command { .. } => MAX_REPLICA_COUNT,
         _ => 1000,
     };
-    if !(1..=limit).contains(&max) {
-        errs.push(
-            field("maxReplicas"),
-            format!("{max} is not within 1..={limit}"),
-        );
-    }
+    errs.within(field("maxReplicas"), max, 1..=limit);
     if min > max {
         errs.push(
             field("minReplicas"),
@@ -748,19 +736,9 @@ fn validate_autoscale(
         );
     }
     let target = spec.target_utilization.unwrap_or(70);
-    if !(1..=100).contains(&target) {
-        errs.push(
-            field("targetUtilization"),
-            format!("{target} is not a percentage within 1..=100"),
-        );
-    }
+    errs.within(field("targetUtilization"), target, 1..=100);
     let refresh = spec.refresh_seconds.unwrap_or(1);
-    if !(1..=3600).contains(&refresh) {
-        errs.push(
-            field("refreshSeconds"),
-            format!("{refresh} is not within 1..=3600"),
-        );
-    }
+    errs.within(field("refreshSeconds"), refresh, 1..=3600);
     let delay = spec.scale_down_delay_seconds.unwrap_or(60);
     if delay > 86_400 {
         errs.push(
@@ -939,6 +917,19 @@ impl Errors {
             field: field.into(),
             message: message.into(),
         });
+    }
+
+    /// Pushes "`value` is not within `lo..=hi`" for `field` when it is not.
+    fn within<T: PartialOrd + fmt::Display>(
+        &mut self,
+        field: String,
+        value: T,
+        range: RangeInclusive<T>,
+    ) {
+        if !range.contains(&value) {
+            let (lo, hi) = range.into_inner();
+            self.push(field, format!("{value} is not within {lo}..={hi}"));
+        }
     }
 
     fn finish<T>(self, value: T) -> Result<T, Vec<SpecError>> {
