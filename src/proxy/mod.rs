@@ -100,11 +100,13 @@ impl Proxy {
     }
 
     pub async fn handle(&self, req: Request<Incoming>, client: ClientInfo) -> Response<ProxyBody> {
+        let (parts, body) = req.into_parts();
+        let mut body = Some(body);
         let mut record = Record {
             metrics: self.metrics.clone(),
             start: Instant::now(),
-            method: req.method().clone(),
-            uri: req.uri().clone(),
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
             ids: None,
             endpoint: None,
             version: None,
@@ -114,7 +116,7 @@ impl Proxy {
             upstream: None,
             outcome: "",
         };
-        match self.process(req, client, &mut record).await {
+        match self.process(parts, &mut body, client, &mut record).await {
             Ok((resp, upstream)) => {
                 let (mut parts, body) = resp.into_parts();
                 headers::strip_hop_by_hop(&mut parts.headers);
@@ -126,15 +128,18 @@ impl Proxy {
         }
     }
 
+    /// The phases of one request. The request body stays in `body` until the request is
+    /// forwarded, so that the caller still holds it when the router answers itself.
     async fn process(
         &self,
-        req: Request<Incoming>,
+        mut parts: http::request::Parts,
+        body: &mut Option<Incoming>,
         client: ClientInfo,
         record: &mut Record,
     ) -> Result<(Response<Incoming>, Upstream), ProxyError> {
-        let ids = RequestIds::read(req.headers())?;
+        let ids = RequestIds::read(&parts.headers)?;
         let ids = record.ids.insert(ids);
-        let (name, rest) = split_path(req.uri())?;
+        let (name, rest) = split_path(&parts.uri)?;
         let endpoint = self
             .table
             .load()
@@ -143,7 +148,7 @@ impl Proxy {
             .ok_or_else(|| ClientError::EndpointNotFound(name.to_owned()))?;
         record.endpoint = Some(endpoint.clone());
         if let Err(e) =
-            auth::verify(&endpoint.auth, &endpoint.name, req.headers(), &self.tokens).await
+            auth::verify(&endpoint.auth, &endpoint.name, &parts.headers, &self.tokens).await
         {
             if let ClientError::Unauthorized { reason, .. } = e {
                 self.metrics
@@ -151,14 +156,14 @@ impl Proxy {
             }
             return Err(e.into());
         }
-        let pin = req
-            .headers()
+        let pin = parts
+            .headers
             .get(&headers::MODEL_DEPLOYMENT)
             .map(|v| v.as_bytes());
         let version = endpoint.pick(pin, rand::random_range(0..100))?.clone();
         record.version = Some(version.clone());
         let limit = self.max_body.load(Relaxed);
-        if content_length(&req).is_some_and(|n| n > limit) {
+        if content_length(&parts.headers).is_some_and(|n| n > limit) {
             return Err(ClientError::PayloadTooLarge { limit }.into());
         }
 
@@ -166,7 +171,9 @@ impl Proxy {
         let acquired = Instant::now();
         record.queue_wait = Some(acquired - record.start);
 
-        let (mut parts, body) = req.into_parts();
+        let body = body
+            .take()
+            .ok_or_else(|| ProxyError::Internal("request body already taken".into()))?;
         headers::for_replica(
             &mut parts.headers,
             parts.uri.authority(),
@@ -269,8 +276,8 @@ fn is_length_limit(e: &hyper::Error) -> bool {
     false
 }
 
-fn content_length(req: &Request<Incoming>) -> Option<u64> {
-    req.headers()
+fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
         .get(http::header::CONTENT_LENGTH)?
         .to_str()
         .ok()?
