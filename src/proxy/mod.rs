@@ -30,7 +30,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use self::{
-    body::{ProxyBody, Record, Upstream},
+    body::{DRAIN_MAX_BYTES, ProxyBody, Record, Upstream},
     forward::{RequestBody, SendError},
     headers::RequestIds,
     slots::Slot,
@@ -101,6 +101,10 @@ impl Proxy {
 
     pub async fn handle(&self, req: Request<Incoming>, client: ClientInfo) -> Response<ProxyBody> {
         let (parts, body) = req.into_parts();
+        // Over h2, a body the router does not forward is drained behind its answer (see
+        // `body::Drain`), unless it is declared too large to finish within the bound.
+        let drainable = parts.version == http::Version::HTTP_2
+            && content_length(&parts.headers).is_none_or(|n| n <= DRAIN_MAX_BYTES);
         let mut body = Some(body);
         let mut record = Record {
             metrics: self.metrics.clone(),
@@ -124,12 +128,12 @@ impl Proxy {
                 record.status = parts.status;
                 Response::from_parts(parts, ProxyBody::upstream(body, upstream, record))
             }
-            Err(err) => error_response(err, record),
+            Err(err) => error_response(err, record, body.filter(|_| drainable)),
         }
     }
 
     /// The phases of one request. The request body stays in `body` until the request is
-    /// forwarded, so that the caller still holds it when the router answers itself.
+    /// forwarded, so that an answer of the router's own can still drain it.
     async fn process(
         &self,
         mut parts: http::request::Parts,
@@ -319,7 +323,13 @@ fn finish_headers(headers: &mut http::HeaderMap, record: &mut Record) {
     headers::for_client(headers, ids, record.version.as_ref().map(|v| &v.header));
 }
 
-fn error_response(err: ProxyError, mut record: Record) -> Response<ProxyBody> {
+/// The router's own answer to a request. `unread` is the request body when it should be
+/// drained behind the answer (h2 only).
+fn error_response(
+    err: ProxyError,
+    mut record: Record,
+    unread: Option<Incoming>,
+) -> Response<ProxyBody> {
     if let ProxyError::Upstream(_) | ProxyError::Internal(_) = &err {
         tracing::warn!(
             endpoint = record.endpoint.as_ref().map_or("", |e| e.name.as_str()),
@@ -336,7 +346,11 @@ fn error_response(err: ProxyError, mut record: Record) -> Response<ProxyBody> {
     finish_headers(&mut headers, &mut record);
     record.status = err.status();
     record.code = Some(err.code());
-    let mut resp = Response::new(ProxyBody::full(err.body(), record));
+    let mut body = ProxyBody::full(err.body(), record);
+    if let Some(unread) = unread {
+        body = body.draining(unread);
+    }
+    let mut resp = Response::new(body);
     *resp.status_mut() = err.status();
     *resp.headers_mut() = headers;
     resp
