@@ -4,6 +4,13 @@
 //! the request's [`Slot`] (released on drop), its upstream connection (back to the pool
 //! only after a complete body), the scoring deadline (which keeps running while the body
 //! streams), and the [`Record`] whose drop writes the access-log line and the metrics.
+//!
+//! An answer of the router's own over h2 may also own the request body the client is
+//! still sending, and drain it before the answer ends (see [`Drain`]). Ending the answer
+//! first makes h2 reset the stream (with NO_ERROR, as RFC 9113 8.1 allows), and clients
+//! such as curl 7.88 that are still uploading then drop the whole answer. Draining is
+//! bounded by [`DRAIN_MAX_BYTES`] and [`DRAIN_MAX_TIME`]; past either the answer ends
+//! anyway, with that reset.
 
 use std::{
     pin::Pin,
@@ -28,9 +35,22 @@ use crate::{accesslog, metrics::Metrics};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// At most this much of a request body is read and thrown away behind an answer of the
+/// router's own over h2. It is the receive window our h2 server (hyper's default) grants
+/// a stream: a client can send that much unread anyway, and draining lets it send at most
+/// as much again.
+pub const DRAIN_MAX_BYTES: u64 = 1024 * 1024;
+
+/// The longest an answer of the router's own over h2 stays open for the client to finish
+/// sending its request body.
+pub const DRAIN_MAX_TIME: Duration = Duration::from_secs(2);
+
 pub struct ProxyBody {
     inner: Inner,
     upstream: Option<Upstream>,
+    /// The request body of an h2 request the router answered itself, read to its end
+    /// (within bounds) before the answer ends.
+    drain: Option<Drain>,
     /// Set when the last frame has been handed out.
     ended: bool,
     /// Dropped after the slot is released (see `Drop`), so it logs the final outcome.
@@ -56,15 +76,32 @@ impl ProxyBody {
         ProxyBody {
             inner: Inner::Full(Some(bytes)),
             upstream: None,
+            drain: None,
             ended: false,
             record,
         }
+    }
+
+    /// Keeps the answer open, after its bytes, until the client has sent the rest of
+    /// `request` (an h2 request body nobody will read otherwise), or a bound of
+    /// [`Drain`] is reached. Dropping the body at once would make h2 reset the stream
+    /// while the client is still sending it.
+    pub fn draining(mut self, request: Incoming) -> Self {
+        if !request.is_end_stream() {
+            self.drain = Some(Drain {
+                body: request,
+                left: DRAIN_MAX_BYTES,
+                deadline: Box::pin(tokio::time::sleep(DRAIN_MAX_TIME)),
+            });
+        }
+        self
     }
 
     pub fn upstream(body: Incoming, upstream: Upstream, record: Record) -> Self {
         ProxyBody {
             inner: Inner::Stream(body),
             upstream: Some(upstream),
+            drain: None,
             ended: false,
             record,
         }
@@ -75,6 +112,46 @@ impl ProxyBody {
             up.conn = None;
         }
         self.record.outcome = outcome;
+    }
+
+    /// Whether every byte of the response has been handed out (the drain aside).
+    fn response_done(&self) -> bool {
+        match &self.inner {
+            Inner::Full(bytes) => bytes.is_none(),
+            Inner::Stream(body) => body.is_end_stream(),
+        }
+    }
+}
+
+/// A request body being read and thrown away, so the client can finish sending it before
+/// the answer ends. Ends at the body's end or error, after [`DRAIN_MAX_BYTES`], or at
+/// [`DRAIN_MAX_TIME`] after the answer was made, whichever comes first. Reading it hands
+/// the flow-control window back to the client; nothing is kept.
+struct Drain {
+    body: Incoming,
+    left: u64,
+    deadline: Pin<Box<Sleep>>,
+}
+
+impl Drain {
+    /// Ready once draining is over.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        loop {
+            match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(frame))) => {
+                    let n = frame.data_ref().map_or(0, |d| d.len() as u64);
+                    match self.left.checked_sub(n) {
+                        Some(left) => self.left = left,
+                        None => return Poll::Ready(()),
+                    }
+                }
+                Poll::Ready(None | Some(Err(_))) => return Poll::Ready(()),
+            }
+        }
     }
 }
 
@@ -88,7 +165,16 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let polled = match &mut this.inner {
-            Inner::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Inner::Full(bytes) => match bytes.take() {
+                Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
+                None => match this.drain.as_mut().map(|d| d.poll(cx)) {
+                    Some(Poll::Pending) => return Poll::Pending,
+                    Some(Poll::Ready(())) | None => {
+                        this.drain = None;
+                        Poll::Ready(None)
+                    }
+                },
+            },
             Inner::Stream(body) => {
                 if let Some(up) = this.upstream.as_mut()
                     && up.deadline.as_mut().poll(cx).is_ready()
@@ -113,10 +199,7 @@ impl Body for ProxyBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.inner {
-            Inner::Full(bytes) => bytes.is_none(),
-            Inner::Stream(body) => body.is_end_stream(),
-        }
+        self.response_done() && self.drain.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -130,7 +213,8 @@ impl Body for ProxyBody {
 
 impl Drop for ProxyBody {
     fn drop(&mut self) {
-        let complete = self.ended || self.is_end_stream();
+        // An unfinished drain is not an unfinished response: the client has it all.
+        let complete = self.ended || self.response_done();
         if let Some(up) = self.upstream.take() {
             self.record.upstream = Some(up.sent_at.elapsed());
             if complete && let Some(conn) = up.conn {

@@ -30,7 +30,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use self::{
-    body::{ProxyBody, Record, Upstream},
+    body::{DRAIN_MAX_BYTES, ProxyBody, Record, Upstream},
     forward::{RequestBody, SendError},
     headers::RequestIds,
     slots::Slot,
@@ -100,11 +100,17 @@ impl Proxy {
     }
 
     pub async fn handle(&self, req: Request<Incoming>, client: ClientInfo) -> Response<ProxyBody> {
+        let (parts, body) = req.into_parts();
+        // Over h2, a body the router does not forward is drained behind its answer (see
+        // `body::Drain`), unless it is declared too large to finish within the bound.
+        let drainable = parts.version == http::Version::HTTP_2
+            && content_length(&parts.headers).is_none_or(|n| n <= DRAIN_MAX_BYTES);
+        let mut body = Some(body);
         let mut record = Record {
             metrics: self.metrics.clone(),
             start: Instant::now(),
-            method: req.method().clone(),
-            uri: req.uri().clone(),
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
             ids: None,
             endpoint: None,
             version: None,
@@ -114,7 +120,7 @@ impl Proxy {
             upstream: None,
             outcome: "",
         };
-        match self.process(req, client, &mut record).await {
+        match self.process(parts, &mut body, client, &mut record).await {
             Ok((resp, upstream)) => {
                 let (mut parts, body) = resp.into_parts();
                 headers::strip_hop_by_hop(&mut parts.headers);
@@ -122,19 +128,22 @@ impl Proxy {
                 record.status = parts.status;
                 Response::from_parts(parts, ProxyBody::upstream(body, upstream, record))
             }
-            Err(err) => error_response(err, record),
+            Err(err) => error_response(err, record, body.filter(|_| drainable)),
         }
     }
 
+    /// The phases of one request. The request body stays in `body` until the request is
+    /// forwarded, so that an answer of the router's own can still drain it.
     async fn process(
         &self,
-        req: Request<Incoming>,
+        mut parts: http::request::Parts,
+        body: &mut Option<Incoming>,
         client: ClientInfo,
         record: &mut Record,
     ) -> Result<(Response<Incoming>, Upstream), ProxyError> {
-        let ids = RequestIds::read(req.headers())?;
+        let ids = RequestIds::read(&parts.headers)?;
         let ids = record.ids.insert(ids);
-        let (name, rest) = split_path(req.uri())?;
+        let (name, rest) = split_path(&parts.uri)?;
         let endpoint = self
             .table
             .load()
@@ -143,7 +152,7 @@ impl Proxy {
             .ok_or_else(|| ClientError::EndpointNotFound(name.to_owned()))?;
         record.endpoint = Some(endpoint.clone());
         if let Err(e) =
-            auth::verify(&endpoint.auth, &endpoint.name, req.headers(), &self.tokens).await
+            auth::verify(&endpoint.auth, &endpoint.name, &parts.headers, &self.tokens).await
         {
             if let ClientError::Unauthorized { reason, .. } = e {
                 self.metrics
@@ -151,14 +160,14 @@ impl Proxy {
             }
             return Err(e.into());
         }
-        let pin = req
-            .headers()
+        let pin = parts
+            .headers
             .get(&headers::MODEL_DEPLOYMENT)
             .map(|v| v.as_bytes());
         let version = endpoint.pick(pin, rand::random_range(0..100))?.clone();
         record.version = Some(version.clone());
         let limit = self.max_body.load(Relaxed);
-        if content_length(&req).is_some_and(|n| n > limit) {
+        if content_length(&parts.headers).is_some_and(|n| n > limit) {
             return Err(ClientError::PayloadTooLarge { limit }.into());
         }
 
@@ -166,7 +175,9 @@ impl Proxy {
         let acquired = Instant::now();
         record.queue_wait = Some(acquired - record.start);
 
-        let (mut parts, body) = req.into_parts();
+        let body = body
+            .take()
+            .ok_or_else(|| ProxyError::Internal("request body already taken".into()))?;
         headers::for_replica(
             &mut parts.headers,
             parts.uri.authority(),
@@ -269,8 +280,8 @@ fn is_length_limit(e: &hyper::Error) -> bool {
     false
 }
 
-fn content_length(req: &Request<Incoming>) -> Option<u64> {
-    req.headers()
+fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
         .get(http::header::CONTENT_LENGTH)?
         .to_str()
         .ok()?
@@ -312,7 +323,13 @@ fn finish_headers(headers: &mut http::HeaderMap, record: &mut Record) {
     headers::for_client(headers, ids, record.version.as_ref().map(|v| &v.header));
 }
 
-fn error_response(err: ProxyError, mut record: Record) -> Response<ProxyBody> {
+/// The router's own answer to a request. `unread` is the request body when it should be
+/// drained behind the answer (h2 only).
+fn error_response(
+    err: ProxyError,
+    mut record: Record,
+    unread: Option<Incoming>,
+) -> Response<ProxyBody> {
     if let ProxyError::Upstream(_) | ProxyError::Internal(_) = &err {
         tracing::warn!(
             endpoint = record.endpoint.as_ref().map_or("", |e| e.name.as_str()),
@@ -329,7 +346,11 @@ fn error_response(err: ProxyError, mut record: Record) -> Response<ProxyBody> {
     finish_headers(&mut headers, &mut record);
     record.status = err.status();
     record.code = Some(err.code());
-    let mut resp = Response::new(ProxyBody::full(err.body(), record));
+    let mut body = ProxyBody::full(err.body(), record);
+    if let Some(unread) = unread {
+        body = body.draining(unread);
+    }
+    let mut resp = Response::new(body);
     *resp.status_mut() = err.status();
     *resp.headers_mut() = headers;
     resp
