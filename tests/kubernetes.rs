@@ -10,6 +10,7 @@ mod support;
 
 use std::{
     collections::HashMap,
+    io::Write,
     net::SocketAddr,
     sync::{
         Arc, Mutex,
@@ -681,6 +682,113 @@ async fn an_api_server_outage_keeps_traffic_flowing_and_converges_after() {
     expired.await;
     load.more(50).await;
     load.finish().await;
+    router.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. RBAC denies one resource
+
+/// Log lines written through `tracing` on this thread, as text.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Logs {
+    /// Collects what this thread logs (every task of a current-thread runtime) until the
+    /// guard is dropped.
+    fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
+        let logs = Logs::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(logs.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        (logs.clone(), tracing::subscriber::set_default(subscriber))
+    }
+
+    fn lines(&self) -> Vec<String> {
+        let text = String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned();
+        text.lines().map(str::to_owned).collect()
+    }
+}
+
+impl Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
+    type Writer = Logs;
+    fn make_writer(&'a self) -> Logs {
+        self.clone()
+    }
+}
+
+#[tokio::test]
+async fn a_resource_rbac_denies_leaves_the_rest_served_and_says_what_is_missing() {
+    let (logs, _guard) = Logs::capture();
+    let api = KubeApi::start().await;
+    let pods = Pods::start("pod", 8, 1).await;
+    api.apply(pods.slice(NS, "blue-1", "blue", &[(0, Pod::Ready)]));
+    api.apply(keys(NS, "locked-keys", KEY, KEY2));
+    let blue = [version("blue", "blue", 100, true)];
+    api.apply(scoring_endpoint(NS, "open", open(&blue)));
+    api.apply(scoring_endpoint(NS, "locked", keyed("locked-keys", &blue)));
+    api.deny("list", "secrets", None);
+    api.deny("watch", "secrets", None);
+    let router = start_router(&api, &[NS]).await;
+
+    // Ready anyway, serving what needs no Secret.
+    wait_ready(&router).await;
+    assert_eq!(score(&router, "open", None, None).await.status, 200);
+    let locked = score(&router, "locked", Some(KEY), None).await;
+    assert_eq!(
+        (locked.status, locked.from.as_str()),
+        (404, "EndpointNotFound")
+    );
+    metric_positive(
+        &router,
+        "scorefront_kubernetes_watch_errors_total",
+        &[("reason", "forbidden"), ("resource", "secrets")],
+    )
+    .await;
+
+    // The key endpoint's status says why it is not served: the router may not read its
+    // Secret (not that the Secret is missing; it is there).
+    let status = eventually("locked has a status", LONG, || async {
+        status(&api, NS, "locked").filter(|s| condition(s, "Accepted").is_some())
+    })
+    .await;
+    let accepted = condition(&status, "Accepted").unwrap();
+    assert_eq!(accepted["status"], "False", "{status}");
+    let message = accepted["message"].as_str().unwrap();
+    assert!(message.contains("spec.keysSecret"), "{message}");
+    assert!(message.contains("may not list secrets"), "{message}");
+    assert_eq!(condition(&status, "Ready").unwrap()["reason"], "NotServed");
+
+    // One error line names the permission and where it is missing.
+    let explained: Vec<String> = (logs.lines().into_iter())
+        .filter(|l| l.contains("ERROR") && l.contains("RBAC"))
+        .collect();
+    assert!(
+        explained.iter().any(|l| l.contains("may not list secrets")
+            && l.contains("in namespace models")
+            && l.contains("grant get, list and watch")),
+        "{explained:#?}"
+    );
+
+    // Granted, the key endpoint is served with no restart.
+    api.allow_all();
+    eventually(
+        "locked is served once the router may read Secrets",
+        LONG,
+        || async { (score(&router, "locked", Some(KEY), None).await.status == 200).then_some(()) },
+    )
+    .await;
     router.shutdown().await;
 }
 

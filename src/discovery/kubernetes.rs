@@ -186,6 +186,9 @@ pub struct Source {
     sent_pods: HashMap<ServiceKey, Arc<ServicePods>>,
     /// Watches whose last item was an error, and errors already logged at length.
     failing: HashSet<Scope>,
+    /// Watches whose last item was a refused list (RBAC): what they would hold is unknown,
+    /// not absent, and statuses say so.
+    refused: HashSet<Scope>,
     explained: HashSet<(&'static str, Scope)>,
     synced: watch::Sender<bool>,
     observed: watch::Sender<Arc<Vec<Observed>>>,
@@ -221,6 +224,7 @@ impl Source {
             sent: Vec::new(),
             sent_pods: HashMap::new(),
             failing: HashSet::new(),
+            refused: HashSet::new(),
             explained: HashSet::new(),
             synced,
             observed,
@@ -266,13 +270,18 @@ impl Source {
             Err(e) => {
                 // A list the router may not make is an answer, not an outage: it finds
                 // nothing there, and the rest is served rather than held back forever.
-                if self.failed(scope.clone(), e) && self.listed.insert(scope.clone()) {
-                    self.relisting.remove(&scope);
-                    self.settle(scope.kind);
+                if self.failed(scope.clone(), e) {
+                    let first = self.listed.insert(scope.clone());
+                    self.refused.insert(scope.clone());
+                    if first {
+                        self.relisting.remove(&scope);
+                        self.settle(scope.kind);
+                    }
                 }
                 return;
             }
         };
+        self.refused.remove(&scope);
         if self.failing.remove(&scope) {
             tracing::info!(
                 resource = scope.kind.resource(),
@@ -561,15 +570,26 @@ impl Source {
 
     /// The keys in the Secret `name` of `namespace`.
     fn keys(&self, namespace: &str, name: &str) -> Result<KeysSpec, String> {
+        let refused = (self.refused.iter()).any(|s| s.kind == Kind::Secrets && s.covers(namespace));
         let secret = self
             .secrets
             .get(&(namespace.to_owned(), name.to_owned()))
             .ok_or_else(|| {
-                format!(
-                    "Secret '{name}' not found among the Secrets labelled {KEYS_LABEL} in \
-                     namespace {namespace}; create it, or label it: kubectl -n {namespace} \
-                     label secret {name} {KEYS_LABEL}=true"
-                )
+                // Not seeing the Secret is not knowing it is missing when the router may
+                // not list Secrets; the fix is then RBAC, not the Secret.
+                if refused {
+                    format!(
+                        "Secret '{name}' cannot be read: the router may not list secrets in \
+                         namespace {namespace} (RBAC); grant get, list and watch on secrets \
+                         to the router's service account (see deploy/base)"
+                    )
+                } else {
+                    format!(
+                        "Secret '{name}' not found among the Secrets labelled {KEYS_LABEL} in \
+                         namespace {namespace}; create it, or label it: kubectl -n {namespace} \
+                         label secret {name} {KEYS_LABEL}=true"
+                    )
+                }
             })?;
         let field = |field: &str| -> Result<Option<String>, String> {
             match secret.data.as_ref().and_then(|d| d.get(field)) {
