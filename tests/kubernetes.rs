@@ -995,6 +995,31 @@ async fn status_reports_what_is_served_and_is_written_only_when_it_changes() {
     router.shutdown().await;
 }
 
+#[tokio::test]
+async fn an_object_deleted_and_made_again_gets_a_status() {
+    let api = KubeApi::start().await;
+    let blue = Pods::start("blue", 13, 1).await;
+    api.apply(blue.slice(NS, "blue-1", "blue", &[(0, Pod::Ready)]));
+    let spec = open(&[version("blue", "blue", 100, true)]);
+    api.apply(scoring_endpoint(NS, "fraud", spec.clone()));
+    let router = start_router(&api, &[NS]).await;
+    eventually("fraud's status", LONG, || async {
+        status(&api, NS, "fraud")
+    })
+    .await;
+
+    // Deleted and made again at once (as `kubectl replace --force` does): the new object
+    // starts without a status, and gets one.
+    api.delete("scoringendpoints", NS, "fraud");
+    let made = api.apply(scoring_endpoint(NS, "fraud", spec));
+    assert!(made.get("status").is_none());
+    eventually("the new fraud's status", LONG, || async {
+        status(&api, NS, "fraud")
+    })
+    .await;
+    router.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------------------
 // 7. Readiness and check-config
 

@@ -96,6 +96,8 @@ pub async fn client(cfg: &KubernetesSource) -> anyhow::Result<Client> {
 pub struct Observed {
     pub namespace: String,
     pub name: String,
+    /// Tells an object from one deleted before it under the same name.
+    pub uid: Option<String>,
     pub generation: Option<i64>,
     /// `Ok`: the current spec is valid; `Err((reason, message))`: why it is not.
     pub verdict: Result<(), (&'static str, String)>,
@@ -507,6 +509,7 @@ impl Source {
             .map(|(key, obj)| Observed {
                 namespace: key.0.clone(),
                 name: key.1.clone(),
+                uid: obj.meta().uid.clone(),
                 generation: obj.meta().generation,
                 verdict: match refused.get(key) {
                     Some(message) => Err(("DuplicateName", message.clone())),
@@ -784,8 +787,9 @@ pub async fn write_status(
     mut stop: watch::Receiver<bool>,
 ) {
     let ar = ApiResource::erase::<ScoringEndpoint>(&());
-    // What was written last, by object; a write is skipped when nothing changed.
-    let mut written: HashMap<Key, ScoringEndpointStatus> = HashMap::new();
+    // What was written last, by object (with its uid: an object deleted and made again
+    // between two passes starts without a status); a write is skipped when nothing changed.
+    let mut written: HashMap<Key, (Option<String>, ScoringEndpointStatus)> = HashMap::new();
     let mut explained = false;
     let mut tick = tokio::time::interval(STATUS_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -803,7 +807,10 @@ pub async fn write_status(
         });
         for obj in objects.iter() {
             let key = (obj.namespace.clone(), obj.name.clone());
-            let before = written.get(&key).or(obj.status.as_ref());
+            let before = (written.get(&key))
+                .filter(|(uid, _)| *uid == obj.uid)
+                .map(|(_, status)| status)
+                .or(obj.status.as_ref());
             let route = obj.served.then(|| table.endpoint(&obj.name)).flatten();
             let versions: Vec<(String, u32, u32)> = route
                 .map(|r| {
@@ -839,7 +846,7 @@ pub async fn write_status(
             {
                 Ok(_) => {
                     proxy.metrics().kube_status_write("ok");
-                    written.insert(key, status);
+                    written.insert(key, (obj.uid.clone(), status));
                 }
                 Err(e) => {
                     proxy.metrics().kube_status_write("error");
