@@ -899,6 +899,44 @@ async fn invalid_changes_keep_the_last_good_definition_and_duplicates_are_refuse
     router.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_refused_object_is_logged_once_not_at_every_change() {
+    let (logs, _guard) = Logs::capture();
+    let api = KubeApi::start().await;
+    let blue = Pods::start("blue", 15, 1).await;
+    api.apply(blue.slice(NS, "blue-1", "blue", &[(0, Pod::Ready)]));
+    let mut no_service = version("blue", "blue", 100, true);
+    no_service.as_object_mut().unwrap().remove("service");
+    api.apply(scoring_endpoint(NS, "broken", open(&[no_service])));
+    api.apply(scoring_endpoint(
+        NS,
+        "fraud",
+        open(&[version("blue", "blue", 100, true)]),
+    ));
+    let router = start_router(&api, &[NS]).await;
+    eventually("broken's status", LONG, || async {
+        status(&api, NS, "broken")
+    })
+    .await;
+
+    // Other objects change, and the router writes their statuses: nothing new to say
+    // about the broken one.
+    for percent in [90, 80] {
+        let spec = open(&[version("blue", "blue", percent, true)]);
+        let generation =
+            api.apply(scoring_endpoint(NS, "fraud", spec))["metadata"]["generation"].clone();
+        eventually("fraud's status catches up", LONG, || async {
+            status(&api, NS, "fraud").filter(|s| s["observedGeneration"] == generation)
+        })
+        .await;
+    }
+    let refusals: Vec<String> = (logs.lines().into_iter())
+        .filter(|l| l.contains("ScoringEndpoint refused") && l.contains("broken"))
+        .collect();
+    assert_eq!(refusals.len(), 1, "{refusals:#?}");
+    router.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------------------
 // 6. Status
 

@@ -192,6 +192,10 @@ pub struct Source {
     /// not absent, and statuses say so.
     refused: HashSet<Scope>,
     explained: HashSet<(&'static str, Scope)>,
+    /// The refusals logged last time, by object: this runs at every change of any
+    /// ScoringEndpoint or key Secret (the router's own status writes too), and a refusal
+    /// is logged when it is new, not each time.
+    warned: HashSet<(Key, String)>,
     synced: watch::Sender<bool>,
     observed: watch::Sender<Arc<Vec<Observed>>>,
 }
@@ -228,6 +232,7 @@ impl Source {
             failing: HashSet::new(),
             refused: HashSet::new(),
             explained: HashSet::new(),
+            warned: HashSet::new(),
             synced,
             observed,
         };
@@ -439,6 +444,7 @@ impl Source {
         let endpoints = &self.endpoints;
         self.good.retain(|key, _| endpoints.contains_key(key));
         let mut verdicts: HashMap<Key, Result<(), (&'static str, String)>> = HashMap::new();
+        let mut warned = HashSet::new();
         for (key, obj) in &self.endpoints {
             let verdict = match self.definition(key, obj) {
                 Ok(ep) => {
@@ -446,16 +452,18 @@ impl Source {
                     Ok(())
                 }
                 Err(errors) => {
-                    if !verdicts.contains_key(key) {
+                    let message = errors.join("; ");
+                    if warned.insert((key.clone(), message.clone()))
+                        && !self.warned.contains(&(key.clone(), message.clone()))
+                    {
                         tracing::warn!(
                             namespace = key.0,
                             name = key.1,
                             kept = self.good.contains_key(key),
-                            "ScoringEndpoint refused: {}",
-                            errors.join("; ")
+                            "ScoringEndpoint refused: {message}"
                         );
                     }
-                    Err(("Invalid", errors.join("; ")))
+                    Err(("Invalid", message))
                 }
             };
             verdicts.insert(key.clone(), verdict);
@@ -489,11 +497,15 @@ impl Source {
                          router watches",
                         holder.0, holder.1
                     );
-                    tracing::warn!(
-                        namespace = key.0,
-                        name = key.1,
-                        "ScoringEndpoint refused: {message}"
-                    );
+                    if warned.insert((key.clone(), message.clone()))
+                        && !self.warned.contains(&(key.clone(), message.clone()))
+                    {
+                        tracing::warn!(
+                            namespace = key.0,
+                            name = key.1,
+                            "ScoringEndpoint refused: {message}"
+                        );
+                    }
                     refused.insert(key.clone(), message);
                 }
             }
@@ -523,6 +535,7 @@ impl Source {
             })
             .collect();
         observed.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        self.warned = warned;
         self.observed.send_if_modified(|old| {
             let changed = **old != observed;
             if changed {
