@@ -833,6 +833,10 @@ async fn invalid_changes_keep_the_last_good_definition_and_duplicates_are_refuse
     assert_eq!(c["reason"], "Invalid");
     let message = c["message"].as_str().unwrap();
     assert!(message.contains("spec.versions[0].service"), "{message}");
+    assert!(
+        !message.contains("deployment"),
+        "one error, not its echo: {message}"
+    );
 
     // Percentiles adding up to 120 (the API server here runs no CEL, so the router sees
     // it): the last good definition stays in force and the status says why.
