@@ -685,6 +685,75 @@ async fn an_api_server_outage_keeps_traffic_flowing_and_converges_after() {
     router.shutdown().await;
 }
 
+#[tokio::test]
+async fn traffic_moved_to_a_new_service_during_an_outage_moves_without_a_gap() {
+    move_to_a_new_service_during_an_outage(6, false).await;
+}
+
+#[tokio::test]
+async fn and_so_it_does_when_the_history_was_compacted_meanwhile() {
+    move_to_a_new_service_during_an_outage(16, true).await;
+}
+
+/// The watches come back one by one after an outage (each after its own backoff); the
+/// router must not apply the new definition before the new Service's pods are known, nor
+/// the old Service's pods leaving before the definition that stops using them. With
+/// `compact`, the watches must relist; without, they replay what they missed.
+async fn move_to_a_new_service_during_an_outage(subnet: u8, compact: bool) {
+    let api = KubeApi::start().await;
+    let blue = Pods::start("blue", subnet, 2).await;
+    let green = Pods::start("green", subnet + 1, 2).await;
+    api.apply(blue.slice(NS, "blue-1", "blue", &[(0, Pod::Ready), (1, Pod::Ready)]));
+    // Room for every client at once: a request queued for blue when blue goes away
+    // would wait for a slot that never comes, which is not what this test is about.
+    let roomy = |name: &str, service: &str| {
+        let mut v = version(name, service, 100, true);
+        v["maxConcurrentRequestsPerContainer"] = 4.into();
+        v
+    };
+    api.apply(scoring_endpoint(
+        NS,
+        "fraud",
+        open(&[roomy("blue", "blue")]),
+    ));
+    let router = start_router(&api, &[NS]).await;
+    wait_routable(&router, "fraud", "blue", &[blue.addr(0), blue.addr(1)]).await;
+    let load = Load::start(&router, "fraud", None, 3, 1);
+    load.more(50).await;
+
+    // While the API server is away, green is deployed, all traffic moves to it, and blue
+    // is scaled to zero (its pods keep listening here, but the router is told they left).
+    api.stop().await;
+    api.apply(green.slice(NS, "green-1", "green", &[(0, Pod::Ready), (1, Pod::Ready)]));
+    api.apply(scoring_endpoint(
+        NS,
+        "fraud",
+        open(&[roomy("green", "green")]),
+    ));
+    api.delete("endpointslices", NS, "blue-1");
+    if compact {
+        api.compact();
+    }
+    metric_positive(
+        &router,
+        "scorefront_kubernetes_watch_errors_total",
+        &[("reason", "unreachable")],
+    )
+    .await;
+    load.more(50).await;
+    api.restart().await;
+
+    eventually("the router moves to green", LONG, || async {
+        (routable(&router, "fraud", "green") == [green.addr(0), green.addr(1)]).then_some(())
+    })
+    .await;
+    let counts = tally(&router, "fraud", None, 20).await;
+    assert_eq!(counts, HashMap::from([("green".to_owned(), 20)]));
+    load.more(100).await;
+    load.finish().await;
+    router.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------------------
 // 4. RBAC denies one resource
 

@@ -15,7 +15,13 @@
 //! - endpoint names are unique across what one router serves: of two objects with one
 //!   name the older wins, the other is refused and says so in its status;
 //! - losing the API server changes nothing that is served: watches back off and resume,
-//!   and an expired resourceVersion relists without a gap in routing.
+//!   and an expired resourceVersion relists without a gap in routing;
+//! - what changed while the API server was away is applied in one step: the watches
+//!   come back one by one, each after its own backoff, and applied one by one they
+//!   would route, say, to a new Service before its pods are known (or to an old one
+//!   after its pods left). So when a watch that lost the server hears from it again,
+//!   every watch is started afresh and relists at once, and changes are held until all
+//!   have listed (at most [`RELIST_HOLD`]), then sent: definitions first, then pods.
 //!
 //! What each object looks like to the router is published as [`Observed`] snapshots; the
 //! status writer ([`write_status`]) turns them and the live routing table into each
@@ -60,6 +66,8 @@ const SERVICE_LABEL: &str = "kubernetes.io/service-name";
 const FIELD_MANAGER: &str = "scorefront";
 /// Statuses are written at most this often (each only when it changed).
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+/// After an outage, changes wait at most this long for every watch to relist.
+pub const RELIST_HOLD: Duration = Duration::from_secs(5);
 
 /// Builds a client from `kubeconfig`, or else from the in-cluster service account, then
 /// `KUBECONFIG` and `~/.kube/config`. Connects to nothing.
@@ -191,6 +199,12 @@ pub struct Source {
     /// Watches whose last item was a refused list (RBAC): what they would hold is unknown,
     /// not absent, and statuses say so.
     refused: HashSet<Scope>,
+    /// Watches that could not reach the API server since their last event. (Only that:
+    /// an overloaded server answering 429 must not be answered with relists.)
+    down: HashSet<Scope>,
+    /// While every watch relists after an outage: those not done yet, and until when
+    /// changes wait for them.
+    held: Option<(HashSet<Scope>, tokio::time::Instant)>,
     explained: HashSet<(&'static str, Scope)>,
     /// The refusals logged last time, by object: this runs at every change of any
     /// ScoringEndpoint or key Secret (the router's own status writes too), and a refusal
@@ -231,6 +245,8 @@ impl Source {
             sent_pods: HashMap::new(),
             failing: HashSet::new(),
             refused: HashSet::new(),
+            down: HashSet::new(),
+            held: None,
             explained: HashSet::new(),
             warned: HashSet::new(),
             synced,
@@ -250,44 +266,90 @@ impl Source {
         namespaces: Vec<String>,
         mut stop: watch::Receiver<bool>,
     ) {
-        let scopes: Vec<Option<String>> = if namespaces.is_empty() {
+        let namespaces: Vec<Option<String>> = if namespaces.is_empty() {
             vec![None]
         } else {
             namespaces.into_iter().map(Some).collect()
         };
-        let mut streams: Vec<BoxStream<'static, Update>> = Vec::new();
-        for ns in &scopes {
-            for kind in Kind::ALL {
-                streams.push(watch_stream(&client, kind, ns.clone()));
-            }
-        }
-        self.scopes = streams.len();
-        let mut updates = futures::stream::select_all(streams);
+        let scopes: Vec<Scope> = (namespaces.iter())
+            .flat_map(|ns| {
+                (Kind::ALL.into_iter()).map(|kind| Scope {
+                    kind,
+                    namespace: ns.clone(),
+                })
+            })
+            .collect();
+        let watch_all = || {
+            let streams: Vec<BoxStream<'static, Update>> = (scopes.iter())
+                .map(|s| watch_stream(&client, s.kind, s.namespace.clone()))
+                .collect();
+            futures::stream::select_all(streams)
+        };
+        self.scopes = scopes.len();
+        let mut updates = watch_all();
         loop {
+            let hold_ends = self.held.as_ref().map(|(_, until)| *until);
             tokio::select! {
-                Some((scope, update)) = updates.next() => self.apply(scope, update),
+                Some((scope, update)) = updates.next() => {
+                    if self.apply(scope, update) {
+                        tracing::info!(
+                            "the API server answers again; relisting every watch, to apply \
+                             what changed meanwhile at once"
+                        );
+                        updates = watch_all();
+                        self.relisting.clear();
+                        self.failing.clear();
+                        self.down.clear();
+                        let until = tokio::time::Instant::now() + RELIST_HOLD;
+                        self.held = Some((scopes.iter().cloned().collect(), until));
+                    }
+                }
+                () = sleep_until(hold_ends), if hold_ends.is_some() => self.release(),
                 () = crate::until_true(&mut stop) => return,
             }
         }
     }
 
-    fn apply(&mut self, scope: Scope, update: Result<Change, watcher::Error>) {
+    /// Folds one watch item in. Returns true when the API server answers a watch that had
+    /// lost it, after the first full list: then every watch should relist (module docs),
+    /// and this item is left to that relist.
+    fn apply(&mut self, scope: Scope, update: Result<Change, watcher::Error>) -> bool {
+        let back = |source: &mut Self, scope: &Scope| {
+            source.down.remove(scope) && source.held.is_none() && *source.synced.borrow()
+        };
         let change = match update {
             Ok(change) => change,
             Err(e) => {
+                let (verb, reason) = self.failed(scope.clone(), e);
+                if reason == "unreachable" {
+                    self.down.insert(scope);
+                    return false;
+                }
+                // Any other error is an answer from the API server.
+                if back(self, &scope) {
+                    return true;
+                }
                 // A list the router may not make is an answer, not an outage: it finds
                 // nothing there, and the rest is served rather than held back forever.
-                if self.failed(scope.clone(), e) {
+                if reason == "forbidden" && verb == "list" {
                     let first = self.listed.insert(scope.clone());
                     self.refused.insert(scope.clone());
-                    if first {
-                        self.relisting.remove(&scope);
+                    self.relisting.remove(&scope);
+                    if let Some((waiting, _)) = &mut self.held {
+                        waiting.remove(&scope);
+                        if waiting.is_empty() {
+                            self.release();
+                        }
+                    } else if first {
                         self.settle(scope.kind);
                     }
                 }
-                return;
+                return false;
             }
         };
+        if back(self, &scope) {
+            return true;
+        }
         self.refused.remove(&scope);
         if self.failing.remove(&scope) {
             tracing::info!(
@@ -304,12 +366,12 @@ impl Source {
         match phase {
             Phase::Init => {
                 self.relisting.insert(scope, Vec::new());
-                return;
+                return false;
             }
             Phase::Listed => {
                 if let Some(buffer) = self.relisting.get_mut(&scope) {
                     buffer.push(change);
-                    return;
+                    return false;
                 }
             }
             Phase::Done | Phase::Live => {}
@@ -319,6 +381,9 @@ impl Source {
         if phase == Phase::Done {
             let listed = self.relisting.remove(&scope).unwrap_or_default();
             self.replace_scope(&scope, listed, &mut services);
+            if let Some((waiting, _)) = &mut self.held {
+                waiting.remove(&scope);
+            }
             self.listed.insert(scope);
         } else {
             self.fold(change, &mut services);
@@ -330,10 +395,46 @@ impl Source {
         self.metrics
             .kube_objects("EndpointSlice", self.slices.len());
         self.metrics.kube_objects("Secret", self.secrets.len());
+        match &self.held {
+            Some((waiting, _)) if waiting.is_empty() => self.release(),
+            Some(_) => {}
+            None => {
+                for service in services {
+                    self.send_pods(service);
+                }
+                self.settle(kind);
+            }
+        }
+        false
+    }
+
+    /// Ends a hold (module docs): sends the definitions, then every Service's pods, as
+    /// they are now. Definitions first: a version that goes away stops taking requests
+    /// before its pods leave, and requests waiting on a new version get its pods.
+    fn release(&mut self) {
+        let Some((waiting, _)) = self.held.take() else {
+            return;
+        };
+        if !waiting.is_empty() {
+            let names: Vec<String> = (waiting.iter())
+                .map(|s| {
+                    let ns = s.namespace.as_deref().unwrap_or("*");
+                    format!("{} in {ns}", s.kind.resource())
+                })
+                .collect();
+            tracing::warn!(
+                "still relisting {} after {RELIST_HOLD:?}; applying what is listed",
+                names.join(", ")
+            );
+        }
+        self.send_endpoints();
+        let services: HashSet<ServiceKey> = (self.slices.values())
+            .filter_map(service_of)
+            .chain(self.sent_pods.keys().cloned())
+            .collect();
         for service in services {
             self.send_pods(service);
         }
-        self.settle(kind);
     }
 
     /// Once every watch has listed: sends the definitions if a change of `kind` may have
@@ -622,8 +723,8 @@ impl Source {
     }
 
     /// Counts a watch error and logs it: at length once per cause, briefly after that.
-    /// Returns whether the error is a refused list (RBAC).
-    fn failed(&mut self, scope: Scope, error: watcher::Error) -> bool {
+    /// Returns the verb that failed and why (the metric's reason).
+    fn failed(&mut self, scope: Scope, error: watcher::Error) -> (&'static str, &'static str) {
         let (verb, status) = match &error {
             watcher::Error::InitialListFailed(e) => ("list", api_status(e)),
             watcher::Error::WatchStartFailed(e) | watcher::Error::WatchFailed(e) => {
@@ -672,7 +773,7 @@ impl Source {
             ),
             _ => tracing::debug!(resource, "watch still failing: {error}"),
         }
-        reason == "forbidden" && verb == "list"
+        (verb, reason)
     }
 }
 
@@ -696,6 +797,13 @@ fn phase<K>(e: &watcher::Event<K>) -> Phase {
         W::InitApply(_) => Phase::Listed,
         W::InitDone => Phase::Done,
         W::Apply(_) | W::Delete(_) => Phase::Live,
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
