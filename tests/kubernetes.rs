@@ -507,6 +507,112 @@ async fn endpoints_appear_change_and_disappear() {
     router.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_version_picks_its_port_by_name_by_number_or_as_the_only_one() {
+    let api = KubeApi::start().await;
+    let pods = Pods::start("pod", 18, 2).await;
+    let unused = support::unused_addr().port();
+    // A Service with two ports, the model on `http`; and one with a single unnamed port.
+    let mut two = pods.slice(NS, "two-1", "two", &[(0, Pod::Ready)]);
+    two["ports"] = json!([
+        {"name": "metrics", "port": unused, "protocol": "TCP"},
+        {"name": "http", "port": pods.port, "protocol": "TCP"},
+    ]);
+    api.apply(two);
+    let one = endpoint_slice(
+        NS,
+        "one-1",
+        "one",
+        None,
+        pods.port,
+        &[(&pods.addr(1).ip().to_string(), true, true, false)],
+    );
+    api.apply(one);
+    let on = |name: &str, service: &str, port: Value| {
+        let mut v = version(name, service, 0, false);
+        match port {
+            Value::Null => v.as_object_mut().unwrap().remove("port"),
+            port => v.as_object_mut().unwrap().insert("port".into(), port),
+        };
+        v
+    };
+    let versions = [
+        on("by-name", "two", json!("http")),
+        on("by-number", "two", json!(pods.port)),
+        on("only", "one", Value::Null),
+        on("ambiguous", "two", Value::Null),
+    ];
+    api.apply(scoring_endpoint(NS, "ports", open(&versions)));
+    let router = start_router(&api, &[NS]).await;
+    wait_routable(&router, "ports", "by-name", &[pods.addr(0)]).await;
+    assert_eq!(routable(&router, "ports", "by-number"), [pods.addr(0)]);
+    assert_eq!(routable(&router, "ports", "only"), [pods.addr(1)]);
+    // Two ports and none named: no replicas (and the status says which version).
+    assert_eq!(routable(&router, "ports", "ambiguous"), []);
+    for (pin, model) in [
+        ("by-name", "pod-0"),
+        ("by-number", "pod-0"),
+        ("only", "pod-1"),
+    ] {
+        let a = score(&router, "ports", None, Some(pin)).await;
+        assert_eq!((a.status, a.from.as_str()), (200, model), "{a:?}");
+    }
+    let s = eventually("the status", LONG, || async {
+        status(&api, NS, "ports").filter(|s| condition(s, "Ready").is_some())
+    })
+    .await;
+    let ready = condition(&s, "Ready").unwrap();
+    assert_eq!(ready["reason"], "NoReadyReplicas", "{s}");
+    assert!(
+        ready["message"].as_str().unwrap().contains("ambiguous"),
+        "{s}"
+    );
+    router.shutdown().await;
+}
+
+#[tokio::test]
+async fn with_no_namespaces_listed_every_namespace_is_watched() {
+    let api = KubeApi::start().await;
+    let pods = Pods::start("pod", 19, 2).await;
+    for (i, ns) in ["team-a", "team-b"].into_iter().enumerate() {
+        api.apply(pods.slice(ns, "blue-1", "blue", &[(i, Pod::Ready)]));
+        let name = format!("ep-{i}");
+        api.apply(scoring_endpoint(
+            ns,
+            &name,
+            open(&[version("blue", "blue", 100, true)]),
+        ));
+    }
+    let router = start_router(&api, &[]).await;
+    wait_ready(&router).await;
+    assert_eq!(score(&router, "ep-0", None, None).await.from, "pod-0");
+    assert_eq!(score(&router, "ep-1", None, None).await.from, "pod-1");
+    // Every watch is cluster-wide.
+    let watched: Vec<String> = (api.requests().iter())
+        .filter(|r| r.method == http::Method::GET && !r.path.contains("/namespaces/"))
+        .map(|r| r.path.clone())
+        .collect();
+    for path in [
+        "/apis/scorefront.io/v1/scoringendpoints",
+        "/apis/discovery.k8s.io/v1/endpointslices",
+        "/api/v1/secrets",
+    ] {
+        assert!(watched.iter().any(|p| p == path), "{path} in {watched:?}");
+    }
+    assert!(
+        (api.requests().iter())
+            .all(|r| r.method != http::Method::GET || !r.path.contains("/namespaces/")),
+        "no namespaced reads"
+    );
+    // And each status lands in its own namespace.
+    eventually("both statuses", LONG, || async {
+        (status(&api, "team-a", "ep-0").is_some() && status(&api, "team-b", "ep-1").is_some())
+            .then_some(())
+    })
+    .await;
+    router.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------------------
 // 2. Pods become ready, unready and terminating under load
 
