@@ -897,7 +897,9 @@ fn validate_service(
         Some(IntOrString::String(name)) => Some(PortRef::Name(name.clone())),
     };
     let deployment = v.deployment.clone().unwrap_or_else(|| service.clone());
-    if !valid_name(&deployment) {
+    // A deployment defaulted from a missing or bad service is that service's error, said
+    // once above; only one the spec names is checked here.
+    if v.deployment.is_some() && !valid_name(&deployment) {
         errs.push(field("deployment"), format!("'{deployment}' {NAME_RULE}"));
     }
     ReplicaSource::Service(ServiceRef {
@@ -1123,6 +1125,16 @@ versions:
                 "missing {want:?} in {errs:#?}"
             );
         }
+        // The deployment defaults to the missing service: not a second error.
+        assert!(!errs.iter().any(|e| e.contains("deployment")), "{errs:#?}");
+        let spec = cluster_spec(
+            "authMode: none\nversions: [{name: blue, service: s, deployment: Bad_Name}]",
+        );
+        let errs = in_cluster(&spec, Err("unused")).unwrap_err();
+        assert!(
+            errs[0].starts_with("spec.versions[0].deployment: 'Bad_Name'"),
+            "{errs:?}"
+        );
         let d = doc(&format!(
             "{BASE}  - {{name: blue, replicas: ['127.0.0.1:1'], service: s}}\n"
         ));

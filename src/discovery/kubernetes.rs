@@ -15,7 +15,13 @@
 //! - endpoint names are unique across what one router serves: of two objects with one
 //!   name the older wins, the other is refused and says so in its status;
 //! - losing the API server changes nothing that is served: watches back off and resume,
-//!   and an expired resourceVersion relists without a gap in routing.
+//!   and an expired resourceVersion relists without a gap in routing;
+//! - what changed while the API server was away is applied in one step: the watches
+//!   come back one by one, each after its own backoff, and applied one by one they
+//!   would route, say, to a new Service before its pods are known (or to an old one
+//!   after its pods left). So when a watch that lost the server hears from it again,
+//!   every watch is started afresh and relists at once, and changes are held until all
+//!   have listed (at most [`RELIST_HOLD`]), then sent: definitions first, then pods.
 //!
 //! What each object looks like to the router is published as [`Observed`] snapshots; the
 //! status writer ([`write_status`]) turns them and the live routing table into each
@@ -60,6 +66,8 @@ const SERVICE_LABEL: &str = "kubernetes.io/service-name";
 const FIELD_MANAGER: &str = "scorefront";
 /// Statuses are written at most this often (each only when it changed).
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+/// After an outage, changes wait at most this long for every watch to relist.
+pub const RELIST_HOLD: Duration = Duration::from_secs(5);
 
 /// Builds a client from `kubeconfig`, or else from the in-cluster service account, then
 /// `KUBECONFIG` and `~/.kube/config`. Connects to nothing.
@@ -96,6 +104,8 @@ pub async fn client(cfg: &KubernetesSource) -> anyhow::Result<Client> {
 pub struct Observed {
     pub namespace: String,
     pub name: String,
+    /// Tells an object from one deleted before it under the same name.
+    pub uid: Option<String>,
     pub generation: Option<i64>,
     /// `Ok`: the current spec is valid; `Err((reason, message))`: why it is not.
     pub verdict: Result<(), (&'static str, String)>,
@@ -186,7 +196,20 @@ pub struct Source {
     sent_pods: HashMap<ServiceKey, Arc<ServicePods>>,
     /// Watches whose last item was an error, and errors already logged at length.
     failing: HashSet<Scope>,
+    /// Watches whose last item was a refused list (RBAC): what they would hold is unknown,
+    /// not absent, and statuses say so.
+    refused: HashSet<Scope>,
+    /// Watches that could not reach the API server since their last event. (Only that:
+    /// an overloaded server answering 429 must not be answered with relists.)
+    down: HashSet<Scope>,
+    /// While every watch relists after an outage: those not done yet, and until when
+    /// changes wait for them.
+    held: Option<(HashSet<Scope>, tokio::time::Instant)>,
     explained: HashSet<(&'static str, Scope)>,
+    /// The refusals logged last time, by object: this runs at every change of any
+    /// ScoringEndpoint or key Secret (the router's own status writes too), and a refusal
+    /// is logged when it is new, not each time.
+    warned: HashSet<(Key, String)>,
     synced: watch::Sender<bool>,
     observed: watch::Sender<Arc<Vec<Observed>>>,
 }
@@ -221,7 +244,11 @@ impl Source {
             sent: Vec::new(),
             sent_pods: HashMap::new(),
             failing: HashSet::new(),
+            refused: HashSet::new(),
+            down: HashSet::new(),
+            held: None,
             explained: HashSet::new(),
+            warned: HashSet::new(),
             synced,
             observed,
         };
@@ -239,40 +266,91 @@ impl Source {
         namespaces: Vec<String>,
         mut stop: watch::Receiver<bool>,
     ) {
-        let scopes: Vec<Option<String>> = if namespaces.is_empty() {
+        let namespaces: Vec<Option<String>> = if namespaces.is_empty() {
             vec![None]
         } else {
             namespaces.into_iter().map(Some).collect()
         };
-        let mut streams: Vec<BoxStream<'static, Update>> = Vec::new();
-        for ns in &scopes {
-            for kind in Kind::ALL {
-                streams.push(watch_stream(&client, kind, ns.clone()));
-            }
-        }
-        self.scopes = streams.len();
-        let mut updates = futures::stream::select_all(streams);
+        let scopes: Vec<Scope> = (namespaces.iter())
+            .flat_map(|ns| {
+                (Kind::ALL.into_iter()).map(|kind| Scope {
+                    kind,
+                    namespace: ns.clone(),
+                })
+            })
+            .collect();
+        let watch_all = || {
+            let streams: Vec<BoxStream<'static, Update>> = (scopes.iter())
+                .map(|s| watch_stream(&client, s.kind, s.namespace.clone()))
+                .collect();
+            futures::stream::select_all(streams)
+        };
+        self.scopes = scopes.len();
+        let mut updates = watch_all();
         loop {
+            let hold_ends = self.held.as_ref().map(|(_, until)| *until);
             tokio::select! {
-                Some((scope, update)) = updates.next() => self.apply(scope, update),
+                Some((scope, update)) = updates.next() => {
+                    if self.apply(scope, update) {
+                        tracing::info!(
+                            "the API server answers again; relisting every watch, to apply \
+                             what changed meanwhile at once"
+                        );
+                        updates = watch_all();
+                        self.relisting.clear();
+                        self.failing.clear();
+                        self.down.clear();
+                        let until = tokio::time::Instant::now() + RELIST_HOLD;
+                        self.held = Some((scopes.iter().cloned().collect(), until));
+                    }
+                }
+                () = sleep_until(hold_ends), if hold_ends.is_some() => self.release(),
                 () = crate::until_true(&mut stop) => return,
             }
         }
     }
 
-    fn apply(&mut self, scope: Scope, update: Result<Change, watcher::Error>) {
+    /// Folds one watch item in. Returns true when the API server answers a watch that had
+    /// lost it, after the first full list: then every watch should relist (module docs),
+    /// and this item is left to that relist.
+    fn apply(&mut self, scope: Scope, update: Result<Change, watcher::Error>) -> bool {
+        let back = |source: &mut Self, scope: &Scope| {
+            source.down.remove(scope) && source.held.is_none() && *source.synced.borrow()
+        };
         let change = match update {
             Ok(change) => change,
             Err(e) => {
+                let (verb, reason) = self.failed(scope.clone(), e);
+                if reason == "unreachable" {
+                    self.down.insert(scope);
+                    return false;
+                }
+                // Any other error is an answer from the API server.
+                if back(self, &scope) {
+                    return true;
+                }
                 // A list the router may not make is an answer, not an outage: it finds
                 // nothing there, and the rest is served rather than held back forever.
-                if self.failed(scope.clone(), e) && self.listed.insert(scope.clone()) {
+                if reason == "forbidden" && verb == "list" {
+                    let first = self.listed.insert(scope.clone());
+                    self.refused.insert(scope.clone());
                     self.relisting.remove(&scope);
-                    self.settle(scope.kind);
+                    if let Some((waiting, _)) = &mut self.held {
+                        waiting.remove(&scope);
+                        if waiting.is_empty() {
+                            self.release();
+                        }
+                    } else if first {
+                        self.settle(scope.kind);
+                    }
                 }
-                return;
+                return false;
             }
         };
+        if back(self, &scope) {
+            return true;
+        }
+        self.refused.remove(&scope);
         if self.failing.remove(&scope) {
             tracing::info!(
                 resource = scope.kind.resource(),
@@ -288,12 +366,12 @@ impl Source {
         match phase {
             Phase::Init => {
                 self.relisting.insert(scope, Vec::new());
-                return;
+                return false;
             }
             Phase::Listed => {
                 if let Some(buffer) = self.relisting.get_mut(&scope) {
                     buffer.push(change);
-                    return;
+                    return false;
                 }
             }
             Phase::Done | Phase::Live => {}
@@ -303,6 +381,9 @@ impl Source {
         if phase == Phase::Done {
             let listed = self.relisting.remove(&scope).unwrap_or_default();
             self.replace_scope(&scope, listed, &mut services);
+            if let Some((waiting, _)) = &mut self.held {
+                waiting.remove(&scope);
+            }
             self.listed.insert(scope);
         } else {
             self.fold(change, &mut services);
@@ -314,10 +395,46 @@ impl Source {
         self.metrics
             .kube_objects("EndpointSlice", self.slices.len());
         self.metrics.kube_objects("Secret", self.secrets.len());
+        match &self.held {
+            Some((waiting, _)) if waiting.is_empty() => self.release(),
+            Some(_) => {}
+            None => {
+                for service in services {
+                    self.send_pods(service);
+                }
+                self.settle(kind);
+            }
+        }
+        false
+    }
+
+    /// Ends a hold (module docs): sends the definitions, then every Service's pods, as
+    /// they are now. Definitions first: a version that goes away stops taking requests
+    /// before its pods leave, and requests waiting on a new version get its pods.
+    fn release(&mut self) {
+        let Some((waiting, _)) = self.held.take() else {
+            return;
+        };
+        if !waiting.is_empty() {
+            let names: Vec<String> = (waiting.iter())
+                .map(|s| {
+                    let ns = s.namespace.as_deref().unwrap_or("*");
+                    format!("{} in {ns}", s.kind.resource())
+                })
+                .collect();
+            tracing::warn!(
+                "still relisting {} after {RELIST_HOLD:?}; applying what is listed",
+                names.join(", ")
+            );
+        }
+        self.send_endpoints();
+        let services: HashSet<ServiceKey> = (self.slices.values())
+            .filter_map(service_of)
+            .chain(self.sent_pods.keys().cloned())
+            .collect();
         for service in services {
             self.send_pods(service);
         }
-        self.settle(kind);
     }
 
     /// Once every watch has listed: sends the definitions if a change of `kind` may have
@@ -428,6 +545,7 @@ impl Source {
         let endpoints = &self.endpoints;
         self.good.retain(|key, _| endpoints.contains_key(key));
         let mut verdicts: HashMap<Key, Result<(), (&'static str, String)>> = HashMap::new();
+        let mut warned = HashSet::new();
         for (key, obj) in &self.endpoints {
             let verdict = match self.definition(key, obj) {
                 Ok(ep) => {
@@ -435,16 +553,18 @@ impl Source {
                     Ok(())
                 }
                 Err(errors) => {
-                    if !verdicts.contains_key(key) {
+                    let message = errors.join("; ");
+                    if warned.insert((key.clone(), message.clone()))
+                        && !self.warned.contains(&(key.clone(), message.clone()))
+                    {
                         tracing::warn!(
                             namespace = key.0,
                             name = key.1,
                             kept = self.good.contains_key(key),
-                            "ScoringEndpoint refused: {}",
-                            errors.join("; ")
+                            "ScoringEndpoint refused: {message}"
                         );
                     }
-                    Err(("Invalid", errors.join("; ")))
+                    Err(("Invalid", message))
                 }
             };
             verdicts.insert(key.clone(), verdict);
@@ -478,11 +598,15 @@ impl Source {
                          router watches",
                         holder.0, holder.1
                     );
-                    tracing::warn!(
-                        namespace = key.0,
-                        name = key.1,
-                        "ScoringEndpoint refused: {message}"
-                    );
+                    if warned.insert((key.clone(), message.clone()))
+                        && !self.warned.contains(&(key.clone(), message.clone()))
+                    {
+                        tracing::warn!(
+                            namespace = key.0,
+                            name = key.1,
+                            "ScoringEndpoint refused: {message}"
+                        );
+                    }
                     refused.insert(key.clone(), message);
                 }
             }
@@ -498,6 +622,7 @@ impl Source {
             .map(|(key, obj)| Observed {
                 namespace: key.0.clone(),
                 name: key.1.clone(),
+                uid: obj.meta().uid.clone(),
                 generation: obj.meta().generation,
                 verdict: match refused.get(key) {
                     Some(message) => Err(("DuplicateName", message.clone())),
@@ -511,6 +636,7 @@ impl Source {
             })
             .collect();
         observed.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        self.warned = warned;
         self.observed.send_if_modified(|old| {
             let changed = **old != observed;
             if changed {
@@ -561,15 +687,26 @@ impl Source {
 
     /// The keys in the Secret `name` of `namespace`.
     fn keys(&self, namespace: &str, name: &str) -> Result<KeysSpec, String> {
+        let refused = (self.refused.iter()).any(|s| s.kind == Kind::Secrets && s.covers(namespace));
         let secret = self
             .secrets
             .get(&(namespace.to_owned(), name.to_owned()))
             .ok_or_else(|| {
-                format!(
-                    "Secret '{name}' not found among the Secrets labelled {KEYS_LABEL} in \
-                     namespace {namespace}; create it, or label it: kubectl -n {namespace} \
-                     label secret {name} {KEYS_LABEL}=true"
-                )
+                // Not seeing the Secret is not knowing it is missing when the router may
+                // not list Secrets; the fix is then RBAC, not the Secret.
+                if refused {
+                    format!(
+                        "Secret '{name}' cannot be read: the router may not list secrets in \
+                         namespace {namespace} (RBAC); grant get, list and watch on secrets \
+                         to the router's service account (see deploy/base)"
+                    )
+                } else {
+                    format!(
+                        "Secret '{name}' not found among the Secrets labelled {KEYS_LABEL} in \
+                         namespace {namespace}; create it, or label it: kubectl -n {namespace} \
+                         label secret {name} {KEYS_LABEL}=true"
+                    )
+                }
             })?;
         let field = |field: &str| -> Result<Option<String>, String> {
             match secret.data.as_ref().and_then(|d| d.get(field)) {
@@ -586,8 +723,8 @@ impl Source {
     }
 
     /// Counts a watch error and logs it: at length once per cause, briefly after that.
-    /// Returns whether the error is a refused list (RBAC).
-    fn failed(&mut self, scope: Scope, error: watcher::Error) -> bool {
+    /// Returns the verb that failed and why (the metric's reason).
+    fn failed(&mut self, scope: Scope, error: watcher::Error) -> (&'static str, &'static str) {
         let (verb, status) = match &error {
             watcher::Error::InitialListFailed(e) => ("list", api_status(e)),
             watcher::Error::WatchStartFailed(e) | watcher::Error::WatchFailed(e) => {
@@ -636,7 +773,7 @@ impl Source {
             ),
             _ => tracing::debug!(resource, "watch still failing: {error}"),
         }
-        reason == "forbidden" && verb == "list"
+        (verb, reason)
     }
 }
 
@@ -660,6 +797,13 @@ fn phase<K>(e: &watcher::Event<K>) -> Phase {
         W::InitApply(_) => Phase::Listed,
         W::InitDone => Phase::Done,
         W::Apply(_) | W::Delete(_) => Phase::Live,
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -764,8 +908,9 @@ pub async fn write_status(
     mut stop: watch::Receiver<bool>,
 ) {
     let ar = ApiResource::erase::<ScoringEndpoint>(&());
-    // What was written last, by object; a write is skipped when nothing changed.
-    let mut written: HashMap<Key, ScoringEndpointStatus> = HashMap::new();
+    // What was written last, by object (with its uid: an object deleted and made again
+    // between two passes starts without a status); a write is skipped when nothing changed.
+    let mut written: HashMap<Key, (Option<String>, ScoringEndpointStatus)> = HashMap::new();
     let mut explained = false;
     let mut tick = tokio::time::interval(STATUS_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -783,7 +928,10 @@ pub async fn write_status(
         });
         for obj in objects.iter() {
             let key = (obj.namespace.clone(), obj.name.clone());
-            let before = written.get(&key).or(obj.status.as_ref());
+            let before = (written.get(&key))
+                .filter(|(uid, _)| *uid == obj.uid)
+                .map(|(_, status)| status)
+                .or(obj.status.as_ref());
             let route = obj.served.then(|| table.endpoint(&obj.name)).flatten();
             let versions: Vec<(String, u32, u32)> = route
                 .map(|r| {
@@ -819,7 +967,7 @@ pub async fn write_status(
             {
                 Ok(_) => {
                     proxy.metrics().kube_status_write("ok");
-                    written.insert(key, status);
+                    written.insert(key, (obj.uid.clone(), status));
                 }
                 Err(e) => {
                     proxy.metrics().kube_status_write("error");
