@@ -9,6 +9,9 @@
                                                         and over a long steady run
     python3 loadtest/scenarios.py syscalls              syscalls per request (strace -c)
     python3 loadtest/scenarios.py instructions          instructions per request (callgrind)
+    python3 loadtest/scenarios.py spike                 an open-loop step to 10x what one
+                                                        replica serves, against autoscaled
+                                                        local replicas; chart over time
 
 Every run builds the release binaries, starts its own servers on loopback ports, stops
 them at the end, and writes `results.json` (and `report.md`) into `--out` (default
@@ -20,6 +23,7 @@ Only the Python standard library is used.
 import argparse
 import atexit
 import json
+import math
 import os
 import shutil
 import signal
@@ -31,7 +35,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RELEASE = ROOT / "target" / "release"
+RELEASE = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "release"
 KEY = "scenario-primary-key-0123456789"
 CHILDREN = []
 
@@ -665,14 +669,162 @@ def instructions(args, run):
     ]))
 
 
+def spike(args, run):
+    """Half of what one replica serves, then a step to ten times that, against a version
+    whose local replicas (sample-model, one request at a time) the autoscaler scales."""
+    gen, served = cores() or (None, None)
+    ms = args.service_ms
+    one = 1000.0 / ms                      # requests/s one replica serves
+    base, peak = 0.5 * one, 10 * one
+    target = 70
+    need = math.ceil(peak * ms / 1000 / (target / 100))
+    port, admin = free_port(), free_port()
+    (run / "scorefront.yaml").write_text(
+        f"listen: {{http: 127.0.0.1:{port}, admin: 127.0.0.1:{admin}}}\n"
+        f"endpoints: {{file: endpoints.yaml}}\n"
+    )
+    (run / "endpoints.yaml").write_text(
+        "apiVersion: scorefront.io/v1\nkind: ScoringEndpoint\nmetadata: {name: spike}\n"
+        f"spec:\n  keys: {{primaryKey: {KEY}}}\n  versions:\n"
+        f"    - name: blue\n"
+        f"      command: {RELEASE / 'sample-model'} --port {{port}} --latency-ms {ms} --concurrency 1\n"
+        f"      maxConcurrentRequestsPerContainer: 1\n"
+        f"      maxPendingRequests: {int(peak)}\n"
+        f"      autoscale: {{minReplicas: 1, maxReplicas: {need + 5}, targetUtilization: {target}, "
+        f"refreshSeconds: 1, scaleDownDelaySeconds: 60}}\n"
+    )
+    env = dict(os.environ, TOKIO_WORKER_THREADS="1")
+    env.pop("RUST_LOG", None)
+    sf = start([str(RELEASE / "scorefront"), "serve", "--config", str(run / "scorefront.yaml")],
+               run / "scorefront.log", env=env, core=served)
+    wait_port(port, "scorefront", sf)
+    url = f"http://127.0.0.1:{port}/api/v1/endpoint/spike/score"
+    ready = 'scorefront_replicas{version="blue",state="ready"}'
+    desired = 'scorefront_desired_replicas{version="blue"}'
+    sampled = ["--sample-metrics", f"http://127.0.0.1:{admin}/metrics",
+               "--sample-metric", ready, "--sample-metric", desired]
+    phases = []
+    for name, rate, secs in [("before", base, args.before_seconds),
+                             ("spike", peak, args.spike_seconds)]:
+        log(f"{name}: {rate:.0f} req/s for {secs} s")
+        r = load(run, name, url, ["--rate", str(rate), "-d", str(secs), "-c", str(int(peak)),
+                                  "--max-seconds", str(secs + 30), *sampled], gen)
+        phases.append((name, rate, r))
+
+    # One timeline across both phases: seconds since the step, negative before it.
+    offset = -phases[0][2]["elapsed_seconds"]
+    points, series = [], {ready: [], desired: []}
+    for i, (name, rate, r) in enumerate(phases):
+        shift = offset if i == 0 else 0.0
+        for p in r["timeline"]:
+            points.append(dict(p, t=p["t"] + shift, offered=rate))
+        for m, samples in (r.get("metrics") or {}).get("series", {}).items():
+            series[m] += [(s["t"] + shift, s["value"]) for s in samples if s["value"] is not None]
+    step = phases[1][2]
+    enough = next((t for t, v in series[ready] if t >= 0 and v >= need), None)
+    settled = enough if enough is not None else float("inf")
+    after = [p for p in points if p["t"] >= settled + 1]
+    statuses = step["statuses"]
+    other_5xx = sum(v for k, v in statuses.items() if k.startswith("5") and k != "503")
+
+    def weighted(key):
+        n = sum(p["responses"] for p in after)
+        return weighted_median([(p[key], p["responses"]) for p in after], n)
+
+    results = {
+        "service_ms": ms, "one_replica_rps": one, "before_rps": base, "spike_rps": peak,
+        "replicas_needed": need, "seconds_to_enough_replicas": enough,
+        "spike_statuses": statuses, "other_5xx": other_5xx, "errors": step["errors"],
+        "after_settling": {"p50_us": weighted("p50_us"), "p99_us": weighted("p99_us"),
+                           "seconds": len(after)},
+        "timeline": points, "series": {k: v for k, v in series.items()},
+    }
+    chart(run / "spike.svg", points, series[ready], series[desired])
+    lines = [
+        f"Sample model: {ms} ms a request, one at a time ({one:.0f} req/s a replica); "
+        f"{base:.0f} req/s, then {peak:.0f} req/s (10x), which needs {need} replicas at "
+        f"{target} %.",
+        "",
+        "| | |", "|---|---|",
+        f"| time from the step to {need} ready replicas | "
+        + (f"{enough:.1f} s |" if enough is not None else "not reached |"),
+        f"| statuses during the spike | {' '.join(f'{k}={v}' for k, v in statuses.items())} |",
+        f"| 5xx other than 503 (max wait) | {other_5xx} |",
+        f"| transport errors | {step['errors']} |",
+        f"| p50 / p99 after settling | {results['after_settling']['p50_us'] / 1000:.1f} / "
+        f"{results['after_settling']['p99_us'] / 1000:.1f} ms |",
+        "",
+        "Chart: spike.svg (offered load and throughput, replicas ready and desired, p50 and "
+        "p99, non-2xx answers per second).",
+    ]
+    finish(run, "spike", results, "\n".join(lines))
+
+
+def weighted_median(pairs, n):
+    """The value of (value, weight) pairs at the weighted median (an approximation for
+    merging per-second percentiles)."""
+    if not n:
+        return 0
+    seen = 0
+    for value, weight in sorted(pairs):
+        seen += weight
+        if seen * 2 >= n:
+            return value
+    return pairs[-1][0]
+
+
+def chart(path, points, ready, desired):
+    """Four stacked panels over time, as a small standalone SVG."""
+    w, h, pad = 900, 170, 50
+    panels = [
+        ("req/s: offered (grey), answered (blue)",
+         [("#999", [(p["t"], p["offered"]) for p in points]),
+          ("#1f77b4", [(p["t"], p["throughput_rps"]) for p in points])]),
+        ("replicas: desired (orange), ready (green)",
+         [("#ff7f0e", desired), ("#2ca02c", ready)]),
+        ("latency ms: p50 (blue), p99 (red)",
+         [("#1f77b4", [(p["t"], p["p50_us"] / 1000) for p in points]),
+          ("#d62728", [(p["t"], p["p99_us"] / 1000) for p in points])]),
+        ("non-2xx answers per second (red)",
+         [("#d62728", [(p["t"], p["non_2xx"] / max(p["dt"], 1e-9)) for p in points])]),
+    ]
+    ts = [t for _, lines in panels for _, pts in lines for t, _ in pts] or [0, 1]
+    t0, t1 = min(ts), max(ts)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{len(panels) * h}" '
+           f'font-family="sans-serif" font-size="12">']
+    for i, (title, lines) in enumerate(panels):
+        top = i * h
+        vmax = max([v for _, pts in lines for _, v in pts] + [1e-9]) * 1.1
+        x = lambda t: pad + (t - t0) / max(t1 - t0, 1e-9) * (w - 2 * pad)
+        y = lambda v: top + h - 25 - v / vmax * (h - 50)
+        out.append(f'<text x="{pad}" y="{top + 15}">{title}</text>')
+        out.append(f'<line x1="{pad}" y1="{y(0)}" x2="{w - pad}" y2="{y(0)}" stroke="#ccc"/>')
+        out.append(f'<text x="5" y="{y(vmax / 1.1) + 4}">{vmax / 1.1:.0f}</text>')
+        if t0 <= 0 <= t1:
+            out.append(f'<line x1="{x(0)}" y1="{top + 20}" x2="{x(0)}" y2="{y(0)}" '
+                       f'stroke="#aaa" stroke-dasharray="4"/>')
+        for colour, pts in lines:
+            if pts:
+                d = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in pts)
+                out.append(f'<polyline fill="none" stroke="{colour}" points="{d}"/>')
+        out.append(f'<text x="{w - pad}" y="{top + h - 8}" text-anchor="end">'
+                   f'seconds since the step ({t0:.0f} to {t1:.0f})</text>')
+    out.append("</svg>")
+    Path(path).write_text("\n".join(out))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("scenario", choices=["overhead", "tls", "split", "memory", "syscalls",
-                                             "instructions"])
+                                             "instructions", "spike"])
     parser.add_argument("--reps", type=int, default=5, help="repetitions (overhead, tls)")
     parser.add_argument("--quick", action="store_true", help="fewer requests per run")
     parser.add_argument("--idle-connections", type=int, default=10000, help="memory")
     parser.add_argument("--soak-seconds", type=int, default=600, help="memory; 0 skips it")
+    parser.add_argument("--service-ms", type=int, default=20,
+                        help="spike: the sample model's time per request")
+    parser.add_argument("--before-seconds", type=int, default=10, help="spike")
+    parser.add_argument("--spike-seconds", type=int, default=60, help="spike")
     parser.add_argument("--out", type=Path, help="result folder")
     parser.add_argument("--no-build", action="store_true", help="use the binaries as built")
     args = parser.parse_args()
