@@ -116,6 +116,7 @@ pub async fn start(config_path: &Path, listeners: Listeners) -> anyhow::Result<A
     index.apply(Event::Endpoints(endpoints));
     let generation = index.generation();
     let (scale, scale_rx) = mpsc::unbounded_channel();
+    let desired = watch::Sender::new(Arc::new(kubernetes::Desired::new()));
     let supervisor = Supervisor::new(workdir, probe_fixed, events.clone());
     let supervising = supervisor.run(index.definitions(), scale_rx, stop_rx.clone());
     let autoscaler = match (config.cluster_purpose, config.autoscaler.dry_run) {
@@ -140,6 +141,7 @@ pub async fn start(config_path: &Path, listeners: Listeners) -> anyhow::Result<A
             Some(Autoscaler {
                 proxy: proxy.clone(),
                 actuator,
+                desired: desired.clone(),
             })
         }
     };
@@ -170,6 +172,7 @@ pub async fn start(config_path: &Path, listeners: Listeners) -> anyhow::Result<A
                 client,
                 proxy.clone(),
                 handles.observed,
+                desired.subscribe(),
                 stop_rx.clone(),
             )));
             let (ready, mut synced) = (ready.clone(), handles.synced);

@@ -188,6 +188,15 @@ async fn scaling_down_withdraws_marks_and_patches_the_deployment_once() {
     )
     .await;
     assert_eq!(scale_patches(&api).len(), 1, "no PATCH without a change");
+    eventually(
+        "the status to show the count asked for",
+        Patience::LONG,
+        || async {
+            let obj = api.get("scoringendpoints", NS, "fraud").unwrap();
+            (obj["status"]["versions"][0]["desiredReplicas"] == 1).then_some(())
+        },
+    )
+    .await;
     assert_eq!(slow.await.unwrap().0.status, 200);
     router.shutdown().await;
 }

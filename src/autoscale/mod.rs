@@ -21,6 +21,7 @@ pub use actuator::{Actuator, Target};
 use policy::{Reason, Settings, State};
 
 use crate::{
+    discovery::kubernetes::Desired,
     proxy::{Proxy, table::VersionRoute},
     spec::{self, ReplicaSource},
 };
@@ -47,6 +48,8 @@ struct Tracked {
 pub struct Autoscaler {
     pub proxy: Arc<Proxy>,
     pub actuator: Arc<dyn Actuator>,
+    /// The count asked for each version, for whoever reports it (the status writer).
+    pub desired: watch::Sender<Arc<Desired>>,
 }
 
 impl Autoscaler {
@@ -112,6 +115,16 @@ impl Autoscaler {
                 metrics.forget_autoscaled(&key.0, &key.1);
             }
             keep
+        });
+        let desired: Desired = (tracked.iter())
+            .filter_map(|(key, t)| Some((key.clone(), t.state.as_ref()?.desired)))
+            .collect();
+        self.desired.send_if_modified(|old| {
+            let changed = **old != desired;
+            if changed {
+                *old = Arc::new(desired);
+            }
+            changed
         });
     }
 

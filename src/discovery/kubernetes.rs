@@ -148,6 +148,9 @@ impl Kind {
 /// `(namespace, name)` of an object.
 type Key = (String, String);
 
+/// The replica counts the autoscaler asks for, by `(endpoint, version)`.
+pub type Desired = HashMap<(String, String), u32>;
+
 fn key_of<K: Resource>(obj: &K) -> Key {
     (obj.namespace().unwrap_or_default(), obj.name_any())
 }
@@ -905,6 +908,7 @@ pub async fn write_status(
     client: Client,
     proxy: Arc<Proxy>,
     observed: watch::Receiver<Arc<Vec<Observed>>>,
+    desired: watch::Receiver<Arc<Desired>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let ar = ApiResource::erase::<ScoringEndpoint>(&());
@@ -933,7 +937,8 @@ pub async fn write_status(
                 .map(|(_, status)| status)
                 .or(obj.status.as_ref());
             let route = obj.served.then(|| table.endpoint(&obj.name)).flatten();
-            let versions: Vec<(String, u32, u32)> = route
+            let desired = desired.borrow().clone();
+            let versions: Vec<Served> = route
                 .map(|r| {
                     let total: u32 = r.versions().iter().map(|v| v.spec.traffic_percentile).sum();
                     (r.versions().iter())
@@ -944,8 +949,13 @@ pub async fn write_status(
                             } else {
                                 0
                             };
-                            let ready = v.slots.replicas().len() as u32;
-                            (v.name().to_owned(), v.spec.traffic_percentile + rest, ready)
+                            let key = (obj.name.clone(), v.name().to_owned());
+                            Served {
+                                name: v.name().to_owned(),
+                                share: v.spec.traffic_percentile + rest,
+                                ready: v.slots.replicas().len() as u32,
+                                desired: desired.get(&key).copied(),
+                            }
                         })
                         .collect()
                 })
@@ -993,9 +1003,19 @@ pub async fn write_status(
 
 /// The status of `obj` with `versions` (`name, share of traffic, ready replicas`) served.
 /// A condition keeps its `lastTransitionTime` from `before` while its status stays.
+/// A served version as its status shows it.
+struct Served {
+    name: String,
+    /// Percent of unpinned traffic it takes.
+    share: u32,
+    ready: u32,
+    /// What the autoscaler asks for, when it scales the version.
+    desired: Option<u32>,
+}
+
 fn status_of(
     obj: &Observed,
-    versions: &[(String, u32, u32)],
+    versions: &[Served],
     before: Option<&ScoringEndpointStatus>,
     now: Timestamp,
 ) -> ScoringEndpointStatus {
@@ -1033,8 +1053,8 @@ fn status_of(
     };
     let empty: Vec<&str> = versions
         .iter()
-        .filter(|v| v.2 == 0)
-        .map(|v| v.0.as_str())
+        .filter(|v| v.ready == 0)
+        .map(|v| v.name.as_str())
         .collect();
     let ready = match (obj.served, versions.is_empty(), empty.as_slice()) {
         (false, _, _) => condition(
@@ -1062,23 +1082,19 @@ fn status_of(
             format!("no ready pod behind version(s) {}", names.join(", ")),
         ),
     };
-    let mut traffic = String::new();
-    for (name, pct, _) in versions {
-        if !traffic.is_empty() {
-            traffic.push(' ');
-        }
-        traffic.push_str(&format!("{name}={pct}"));
-    }
+    let traffic: Vec<String> = (versions.iter())
+        .map(|v| format!("{}={}", v.name, v.share))
+        .collect();
     ScoringEndpointStatus {
         observed_generation: obj.generation,
-        ready_replicas: versions.iter().map(|v| v.2).sum(),
-        traffic,
+        ready_replicas: versions.iter().map(|v| v.ready).sum(),
+        traffic: traffic.join(" "),
         versions: versions
             .iter()
-            .map(|(name, _, ready)| spec::VersionStatus {
-                name: name.clone(),
-                ready_replicas: *ready,
-                desired_replicas: None,
+            .map(|v| spec::VersionStatus {
+                name: v.name.clone(),
+                ready_replicas: v.ready,
+                desired_replicas: v.desired,
             })
             .collect(),
         conditions: vec![accepted, ready],
