@@ -252,3 +252,44 @@ async fn the_count_in_force_is_read_back_and_errors_are_retried() {
     }
     router.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_missing_deployment_is_retried_until_it_exists() {
+    let api = KubeApi::start().await;
+    let (a, _b) = pods().await;
+    cluster(
+        &api,
+        a.addr.port(),
+        2,
+        json!({"minReplicas": 1, "maxReplicas": 5}),
+    );
+    api.delete("deployments", NS, "blue");
+    let router = router(&api).await;
+    let url = router.url("/api/v1/endpoint/fraud/score");
+    let scale_reads = || {
+        (api.requests().iter())
+            .filter(|r| {
+                r.method == http::Method::GET && r.path.ends_with("/deployments/blue/scale")
+            })
+            .count()
+    };
+    eventually(
+        "the scale to be asked for again",
+        Patience::LONG,
+        || async { (scale_reads() >= 2).then_some(()) },
+    )
+    .await;
+    // Scoring goes on meanwhile; the count is unknown, so nothing is decided or sent.
+    let (parts, body) = send(scoring_post(&url, KEY, &[], "{}")).await;
+    assert_eq!(parts.status, 200, "{body:?}");
+    assert_eq!(desired(&router).await, None);
+    assert!(scale_patches(&api).is_empty());
+    api.apply(deployment(NS, "blue", 3));
+    eventually(
+        "the count to be read once the Deployment exists",
+        Patience::LONG,
+        || async { (desired(&router).await == Some(3.0)).then_some(()) },
+    )
+    .await;
+    router.shutdown().await;
+}
