@@ -126,7 +126,9 @@ pub async fn start(config_path: &Path, listeners: Listeners) -> anyhow::Result<A
         }
         (_, dry_run) => {
             let cluster = kube.as_ref().map(|(client, ..)| {
-                Box::new(KubeScaler::new(client.clone(), events.clone())) as Box<dyn Actuator>
+                let recorder = kubernetes::Recorder::new(client.clone());
+                Box::new(KubeScaler::new(client.clone(), events.clone(), recorder))
+                    as Box<dyn Actuator>
             });
             let actuators = Actuators {
                 local: scale,
@@ -161,8 +163,9 @@ pub async fn start(config_path: &Path, listeners: Listeners) -> anyhow::Result<A
     match kube {
         None => ready.set_synced(),
         Some((client, namespaces, issuers, events)) => {
+            let recorder = kubernetes::Recorder::new(client.clone());
             let (source, handles) =
-                kubernetes::Source::new(events, proxy.metrics().clone(), issuers);
+                kubernetes::Source::new(events, proxy.metrics().clone(), issuers, recorder);
             others.push(tokio::spawn(source.run(
                 client.clone(),
                 namespaces,

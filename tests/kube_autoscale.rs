@@ -126,6 +126,18 @@ async fn scaling_down_withdraws_marks_and_patches_the_deployment_once() {
     })
     .await;
     assert_eq!(scale_patches(&api), [json!({"spec": {"replicas": 1}})]);
+    eventually(
+        "a Scaled event on the Deployment",
+        Patience::LONG,
+        || async {
+            let scaled = (api.requests().iter())
+                .filter(|r| r.method == http::Method::POST && r.path.ends_with("/events"))
+                .map(|r| r.json())
+                .find(|e| e["reason"] == "Scaled" && e["regarding"]["name"] == "blue")?;
+            (scaled["note"].as_str()?.contains("from 2 to 1")).then_some(())
+        },
+    )
+    .await;
     assert_eq!(
         api.get("deployments", NS, "blue").unwrap()["spec"]["replicas"],
         1

@@ -1113,6 +1113,25 @@ async fn a_refused_object_is_logged_once_not_at_every_change() {
         .filter(|l| l.contains("ScoringEndpoint refused") && l.contains("broken"))
         .collect();
     assert_eq!(refusals.len(), 1, "{refusals:#?}");
+    // And one Warning event on the object, for `kubectl describe`.
+    let about_broken = || -> Vec<Value> {
+        (api.requests().iter())
+            .filter(|r| r.method == http::Method::POST && r.path.ends_with("/events"))
+            .map(|r| r.json())
+            .filter(|e| e["regarding"]["name"] == "broken")
+            .collect()
+    };
+    eventually("a Warning event on the refused object", LONG, || async {
+        (!about_broken().is_empty()).then_some(())
+    })
+    .await;
+    let events = about_broken();
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert_eq!(events[0]["type"], "Warning");
+    assert_eq!(events[0]["reason"], "Invalid");
+    assert_eq!(events[0]["regarding"]["kind"], "ScoringEndpoint");
+    let note = events[0]["note"].as_str().unwrap();
+    assert!(note.contains("spec.versions[0].service"), "{note}");
     router.shutdown().await;
 }
 

@@ -18,7 +18,9 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    apps::v1::Deployment, autoscaling::v2::HorizontalPodAutoscaler, core::v1::Pod,
+    apps::v1::Deployment,
+    autoscaling::v2::HorizontalPodAutoscaler,
+    core::v1::{ObjectReference, Pod},
 };
 use kube::{
     Api, Client,
@@ -30,7 +32,10 @@ use tokio::{
 };
 
 use super::actuator::{Actuator, Target};
-use crate::{discovery::index::Event, proxy::slots::VersionSlots};
+use crate::{
+    discovery::{index::Event, kubernetes::Recorder},
+    proxy::slots::VersionSlots,
+};
 
 /// The annotation the ReplicaSet controller reads to choose which pods to remove first.
 pub const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
@@ -56,14 +61,17 @@ pub struct KubeScaler {
     client: Client,
     /// Where pods to be removed are withdrawn from routing.
     events: mpsc::UnboundedSender<Event>,
+    /// Kubernetes Events on the Deployments it scales.
+    recorder: Recorder,
     workers: Mutex<HashMap<Target, Worker>>,
 }
 
 impl KubeScaler {
-    pub fn new(client: Client, events: mpsc::UnboundedSender<Event>) -> Self {
+    pub fn new(client: Client, events: mpsc::UnboundedSender<Event>, recorder: Recorder) -> Self {
         KubeScaler {
             client,
             events,
+            recorder,
             workers: Mutex::new(HashMap::new()),
         }
     }
@@ -86,6 +94,7 @@ impl KubeScaler {
             let run = Run {
                 client: self.client.clone(),
                 events: self.events.clone(),
+                recorder: self.recorder.clone(),
                 namespace: namespace.clone(),
                 name: name.clone(),
                 version: (endpoint.clone(), version.clone()),
@@ -115,6 +124,7 @@ impl Actuator for KubeScaler {
 struct Run {
     client: Client,
     events: mpsc::UnboundedSender<Event>,
+    recorder: Recorder,
     namespace: String,
     name: String,
     /// The version whose pods these are: `(endpoint, version)`.
@@ -181,6 +191,22 @@ impl Run {
                         from = applied,
                         to = replicas,
                         "Deployment scaled"
+                    );
+                    let on = ObjectReference {
+                        api_version: Some("apps/v1".into()),
+                        kind: Some("Deployment".into()),
+                        name: Some(self.name.clone()),
+                        namespace: Some(self.namespace.clone()),
+                        ..ObjectReference::default()
+                    };
+                    let (endpoint, version) = &self.version;
+                    self.recorder.normal(
+                        on,
+                        "Scaled",
+                        format!(
+                            "scaled from {applied} to {replicas} replicas for version {version} \
+                             of scoring endpoint {endpoint}"
+                        ),
                     );
                     applied = replicas;
                     *self.current.lock().expect("count poisoned") = Some(applied);

@@ -37,7 +37,10 @@ use std::{
 use anyhow::Context;
 use futures::{StreamExt, stream::BoxStream};
 use k8s_openapi::{
-    api::{core::v1::Secret, discovery::v1::EndpointSlice},
+    api::{
+        core::v1::{ObjectReference, Secret},
+        discovery::v1::EndpointSlice,
+    },
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
     jiff::Timestamp,
 };
@@ -45,7 +48,7 @@ use kube::{
     Api, Client, Resource, ResourceExt,
     api::{ApiResource, DynamicObject, Patch, PatchParams},
     config::{KubeConfigOptions, Kubeconfig},
-    runtime::{WatchStreamExt, watcher},
+    runtime::{WatchStreamExt, events, watcher},
 };
 use tokio::sync::{mpsc, watch};
 
@@ -68,6 +71,72 @@ const FIELD_MANAGER: &str = "scorefront";
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 /// After an outage, changes wait at most this long for every watch to relist.
 pub const RELIST_HOLD: Duration = Duration::from_secs(5);
+
+/// Publishes Kubernetes Events (`kubectl describe` shows them) without holding up the
+/// caller: each is sent by a task of its own, and one that fails is only logged.
+#[derive(Clone)]
+pub struct Recorder(Arc<events::Recorder>);
+
+impl Recorder {
+    pub fn new(client: Client) -> Self {
+        // The pod's name, where Kubernetes sets it, tells router instances apart.
+        let instance = std::env::var("HOSTNAME").ok();
+        let reporter = events::Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance,
+        };
+        Recorder(Arc::new(events::Recorder::new(client, reporter)))
+    }
+
+    pub fn warn(&self, on: ObjectReference, reason: &str, note: String) {
+        self.publish(on, events::EventType::Warning, reason, note);
+    }
+
+    pub fn normal(&self, on: ObjectReference, reason: &str, note: String) {
+        self.publish(on, events::EventType::Normal, reason, note);
+    }
+
+    fn publish(&self, on: ObjectReference, type_: events::EventType, reason: &str, note: String) {
+        let event = events::Event {
+            type_,
+            reason: reason.into(),
+            // At most 1 kB, as the Events API wants.
+            note: Some(truncate(note, 1000)),
+            action: reason.into(),
+            secondary: None,
+        };
+        let recorder = self.0.clone();
+        tokio::spawn(async move {
+            if let Err(e) = recorder.publish(&event, &on).await {
+                tracing::debug!("Kubernetes Event not recorded: {e}");
+            }
+        });
+    }
+}
+
+fn truncate(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
+/// A reference to a ScoringEndpoint, for its Events.
+fn object_reference(obj: &DynamicObject) -> ObjectReference {
+    ObjectReference {
+        api_version: Some(spec::API_VERSION.into()),
+        kind: Some(spec::KIND.into()),
+        name: obj.meta().name.clone(),
+        namespace: obj.meta().namespace.clone(),
+        uid: obj.meta().uid.clone(),
+        resource_version: obj.meta().resource_version.clone(),
+        ..ObjectReference::default()
+    }
+}
 
 /// Builds a client from `kubeconfig`, or else from the in-cluster service account, then
 /// `KUBECONFIG` and `~/.kube/config`. Connects to nothing.
@@ -215,6 +284,8 @@ pub struct Source {
     warned: HashSet<(Key, String)>,
     synced: watch::Sender<bool>,
     observed: watch::Sender<Arc<Vec<Observed>>>,
+    /// Kubernetes Events about the objects.
+    recorder: Recorder,
 }
 
 /// What a started source offers the app.
@@ -230,6 +301,7 @@ impl Source {
         events: mpsc::UnboundedSender<Event>,
         metrics: Arc<Metrics>,
         issuers: Vec<String>,
+        recorder: Recorder,
     ) -> (Self, Handles) {
         let (synced, synced_rx) = watch::channel(false);
         let (observed, observed_rx) = watch::channel(Arc::new(Vec::new()));
@@ -254,6 +326,7 @@ impl Source {
             warned: HashSet::new(),
             synced,
             observed,
+            recorder,
         };
         let handles = Handles {
             synced: synced_rx,
@@ -548,7 +621,8 @@ impl Source {
         let endpoints = &self.endpoints;
         self.good.retain(|key, _| endpoints.contains_key(key));
         let mut verdicts: HashMap<Key, Result<(), (&'static str, String)>> = HashMap::new();
-        let mut warned = HashSet::new();
+        // Why each refused object is refused, to report what is new since last time.
+        let mut refusals: Vec<(Key, &'static str, String)> = Vec::new();
         for (key, obj) in &self.endpoints {
             let verdict = match self.definition(key, obj) {
                 Ok(ep) => {
@@ -557,16 +631,7 @@ impl Source {
                 }
                 Err(errors) => {
                     let message = errors.join("; ");
-                    if warned.insert((key.clone(), message.clone()))
-                        && !self.warned.contains(&(key.clone(), message.clone()))
-                    {
-                        tracing::warn!(
-                            namespace = key.0,
-                            name = key.1,
-                            kept = self.good.contains_key(key),
-                            "ScoringEndpoint refused: {message}"
-                        );
-                    }
+                    refusals.push((key.clone(), "Invalid", message.clone()));
                     Err(("Invalid", message))
                 }
             };
@@ -601,15 +666,7 @@ impl Source {
                          router watches",
                         holder.0, holder.1
                     );
-                    if warned.insert((key.clone(), message.clone()))
-                        && !self.warned.contains(&(key.clone(), message.clone()))
-                    {
-                        tracing::warn!(
-                            namespace = key.0,
-                            name = key.1,
-                            "ScoringEndpoint refused: {message}"
-                        );
-                    }
+                    refusals.push((key.clone(), "DuplicateName", message.clone()));
                     refused.insert(key.clone(), message);
                 }
             }
@@ -639,6 +696,14 @@ impl Source {
             })
             .collect();
         observed.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        let warned: HashSet<(Key, String)> = (refusals.iter())
+            .map(|(key, _, message)| (key.clone(), message.clone()))
+            .collect();
+        for (key, reason, message) in refusals {
+            if !self.warned.contains(&(key.clone(), message.clone())) {
+                self.report_refusal(&key, reason, message, holders.contains(&key));
+            }
+        }
         self.warned = warned;
         self.observed.send_if_modified(|old| {
             let changed = **old != observed;
@@ -652,6 +717,26 @@ impl Source {
             self.sent = served.clone();
             let _ = self.events.send(Event::Endpoints(served));
         }
+    }
+
+    /// Logs a refused ScoringEndpoint once per reason, and tells its users with a
+    /// Kubernetes Event on the object (`kubectl describe se NAME`).
+    fn report_refusal(&self, key: &Key, reason: &'static str, message: String, kept: bool) {
+        tracing::warn!(
+            namespace = key.0,
+            name = key.1,
+            kept,
+            "ScoringEndpoint refused: {message}"
+        );
+        let Some(obj) = self.endpoints.get(key) else {
+            return;
+        };
+        let note = if kept {
+            format!("{message} (the last valid spec stays in force)")
+        } else {
+            message
+        };
+        self.recorder.warn(object_reference(obj), reason, note);
     }
 
     /// The validated definition of one object, or every reason it has none.
