@@ -6,11 +6,12 @@
 //! queued, replicas) are read from the live slot accounting at scrape time, so the request
 //! path never updates them.
 
-use std::sync::Mutex;
+use std::{collections::HashMap, sync::Mutex};
 
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
+    core::{Collector, MetricVec, MetricVecBuilder},
 };
 
 /// The live gauges of one version, read from its slot accounting at scrape time.
@@ -298,6 +299,26 @@ impl Metrics {
             .inc();
     }
 
+    /// Drops every series of a version that is no longer served (`version: None`: of an
+    /// endpoint that is no longer served, including its unrouted requests and auth
+    /// failures), so that endpoint churn does not grow the registry without bound.
+    pub fn forget(&self, endpoint: &str, version: Option<&str>) {
+        let ours = |labels: &HashMap<&str, &str>| {
+            labels.get("endpoint") == Some(&endpoint)
+                && version.is_none_or(|v| labels.get("version") == Some(&v))
+        };
+        remove_where(&self.requests, ours);
+        remove_where(&self.request_duration, ours);
+        remove_where(&self.queue_wait, ours);
+        remove_where(&self.upstream_duration, ours);
+        remove_where(&self.utilization, ours);
+        remove_where(&self.desired_replicas, ours);
+        remove_where(&self.scale_events, ours);
+        if version.is_none() {
+            remove_where(&self.auth_failures, ours);
+        }
+    }
+
     /// Drops the autoscaling series of a version that is no longer autoscaled.
     pub fn forget_autoscaled(&self, endpoint: &str, version: &str) {
         let l = &[endpoint, version];
@@ -335,6 +356,23 @@ impl Metrics {
     }
 }
 
+/// Removes the series of `vec` whose labels `matches` accepts.
+fn remove_where<T: MetricVecBuilder>(
+    vec: &MetricVec<T>,
+    matches: impl Fn(&HashMap<&str, &str>) -> bool,
+) {
+    for family in vec.collect() {
+        for metric in family.get_metric() {
+            let labels: HashMap<&str, &str> = (metric.get_label().iter())
+                .map(|l| (l.name(), l.value()))
+                .collect();
+            if matches(&labels) {
+                let _ = vec.remove(&labels);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,5 +393,30 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
         }
+    }
+
+    #[test]
+    fn series_of_what_is_gone_are_forgotten() {
+        let m = Metrics::new();
+        for (ep, v) in [("fraud", "blue"), ("fraud", "green"), ("spam", "blue")] {
+            let vm = m.version(ep, v);
+            vm.count_request(http::StatusCode::OK);
+            vm.count_request(http::StatusCode::IM_A_TEAPOT);
+            vm.request_duration.observe(0.1);
+        }
+        m.count_unrouted("fraud", "401");
+        m.count_auth_failure("fraud", "invalid_key");
+        m.set_autoscaled("fraud", "green", 0.5, 2);
+        m.forget("fraud", Some("green"));
+        let text = m.render([]);
+        assert!(!text.contains(r#"version="green""#), "{text}");
+        assert!(
+            text.contains(r#"endpoint="fraud",version="blue""#),
+            "{text}"
+        );
+        m.forget("fraud", None);
+        let text = m.render([]);
+        assert!(!text.contains(r#"endpoint="fraud""#), "{text}");
+        assert!(text.contains(r#"endpoint="spam",version="blue""#), "{text}");
     }
 }

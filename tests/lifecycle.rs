@@ -281,6 +281,26 @@ async fn traffic_split_change_applies_on_reload() {
 }
 
 #[tokio::test]
+async fn series_of_a_removed_version_leave_the_metrics() {
+    let _signals = SIGNALS.read().await;
+    let (blue, green) = (Model::start("blue").await, Model::start("green").await);
+    let router = Router::start(&blue_green(blue.addr, green.addr, 100)).await;
+    let seen = models_answering(&router, 5).await;
+    assert!(all_equal(&seen, "green"), "{seen:?}");
+    let text = router.metrics().await;
+    assert!(text.contains(r#"version="green""#), "{text}");
+
+    router.reload(&one_version("fraud", &[blue.addr], "")).await;
+    let text = router.metrics().await;
+    assert!(!text.contains(r#"version="green""#), "{text}");
+    assert!(
+        text.contains(r#"endpoint="fraud",version="blue""#),
+        "{text}"
+    );
+    router.shutdown().await;
+}
+
+#[tokio::test]
 async fn keys_rotate_without_restart() {
     let _signals = SIGNALS.read().await;
     let blue = Model::start("blue").await;

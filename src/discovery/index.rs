@@ -310,8 +310,14 @@ impl Index {
                 kept.insert(id, slots);
             }
         }
-        for (_, gone) in self.slots.drain() {
+        let metrics = self.proxy.metrics();
+        for ((endpoint, version), gone) in self.slots.drain() {
             gone.set_replicas(Vec::new());
+            if endpoints.iter().any(|ep| ep.name == endpoint) {
+                metrics.forget(&endpoint, Some(&version));
+            } else {
+                metrics.forget(&endpoint, None);
+            }
         }
         self.slots = kept;
 
