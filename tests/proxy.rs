@@ -847,6 +847,37 @@ async fn model_4xx_and_5xx_pass_through_unchanged() {
 }
 
 // ---------------------------------------------------------------------------------------
+#[tokio::test]
+async fn content_length_beside_transfer_encoding_is_framed_by_the_encoding_alone() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let blue = Model::start("blue").await;
+    let router = Router::start(&one_version("fraud", &[blue.addr], "")).await;
+    let mut stream = TcpStream::connect(router.http).await.unwrap();
+    // RFC 9112 6.1: a request with both is read by Transfer-Encoding alone, the length
+    // never reaches the next hop (where it could frame another request), and the
+    // connection is closed after the answer.
+    let request = format!(
+        "POST /api/v1/service/fraud/score HTTP/1.1\r\nHost: router\r\n\
+         Authorization: Bearer {KEY}\r\nContent-Length: 3\r\n\
+         Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .expect("the router closes the connection")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert_eq!(
+        body_len_of(answer.split("\r\n\r\n").nth(1).unwrap().as_bytes()),
+        5
+    );
+    let seen = blue.last_headers();
+    assert!(!seen.contains_key("content-length"), "{seen:?}");
+    assert_eq!(seen["transfer-encoding"], "chunked");
+}
+
 // HTTP/2
 
 #[tokio::test]
