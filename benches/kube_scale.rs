@@ -79,6 +79,8 @@ const PROBE: usize = 0;
 const PARKED_AFTER: Duration = Duration::from_millis(200);
 /// How long the probe version's requests may wait for a pod, in the router.
 const PROBE_WAIT_MS: u64 = 15_000;
+/// The Service of the endpoints added while the router runs, in the probe's namespace.
+const LATE_SERVICE: &str = "svc-late";
 
 struct Settings {
     endpoints: usize,
@@ -610,6 +612,8 @@ async fn run(s: Settings, router_pid: Arc<AtomicU32>) {
     // The API server and the probe pods: the first `pods` are endpoint 0's green pods,
     // then one new pod per change.
     let api = KubeApi::start().await;
+    // The last probe pod serves the endpoints added later ([`LATE_SERVICE`]).
+    let late_pod = probe_pod(s.pods + s.changes);
     let (probe_port, mut arrivals) = start_probe_pods(s.pods + s.changes + 1).await;
     let filling = Instant::now();
     fill(&api, &s, probe_port);
@@ -670,85 +674,192 @@ async fn run(s: Settings, router_pid: Arc<AtomicU32>) {
     );
     row("router memory at /readyz", before_scrape.show());
 
-    // 2. Every endpoint routable with every pod, as /metrics says.
-    let want = Routable {
-        endpoints: s.endpoints,
-        versions: 2 * s.endpoints,
-        ready: s.pods_total() as u64,
+    // Scoring requests pinned to the probe version; each answers its status and, from a
+    // probe pod, the pod's address.
+    let probe_ns = s.namespace(PROBE);
+    let probe_service = service(PROBE, true);
+    let probe_slice = |pods: &[(String, bool)]| slice(&probe_ns, &probe_service, probe_port, pods);
+    let first_pods = |ready: bool| -> Vec<(String, bool)> {
+        (0..s.pods)
+            .map(|k| (probe_pod(k).to_string(), ready))
+            .collect()
     };
-    let out_of_time = deadline("/metrics to show every pod ready", Duration::from_secs(120));
-    let (routed, text) = loop {
-        let text = adm.metrics().await;
-        if routable(&text) == want {
-            break (
-                Stage {
-                    at: start.elapsed(),
-                    cpu: router.cpu(),
-                },
-                text,
-            );
+    let client = support::client();
+    let router_http = router.http;
+    let send_to = |endpoint: &str,
+                   pin: &[(&str, &str)]|
+     -> JoinHandle<Option<(StatusCode, Option<String>)>> {
+        let url = format!("http://{router_http}/api/v1/endpoint/{endpoint}/score");
+        let req = support::scoring_post(&url, support::KEY, pin, "{}");
+        let client = client.clone();
+        tokio::spawn(async move {
+            let resp = client.request(req).await.ok()?;
+            let status = resp.status();
+            let body = resp.into_body().collect().await.ok()?.to_bytes();
+            let pod = serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|v| Some(v["pod"].as_str()?.to_owned()));
+            Some((status, pod))
+        })
+    };
+    let probe_endpoint = endpoint_name(PROBE);
+    let send = || -> JoinHandle<Option<(StatusCode, Option<String>)>> {
+        send_to(&probe_endpoint, &[("azureml-model-deployment", "green")])
+    };
+    // A new ScoringEndpoint `name` with one version on the late Service; the time from
+    // applying it until a request to it is routed (until then it is unknown: 404).
+    let add_endpoint = |name: &'static str| {
+        let (send_to, probe_ns, api) = (&send_to, &probe_ns, &api);
+        async move {
+            let spec = json!({
+                "keysSecret": "keys",
+                "versions": [{"name": "blue", "service": LATE_SERVICE, "port": probe_port}],
+            });
+            let applied = Instant::now();
+            api.apply(kubeapi::scoring_endpoint(probe_ns, name, spec));
+            let out_of_time = deadline("a new endpoint to be routed", Duration::from_secs(300));
+            loop {
+                match send_to(name, &[]).await.unwrap() {
+                    Some((StatusCode::OK, _)) => return applied.elapsed(),
+                    Some((StatusCode::NOT_FOUND, _)) => {}
+                    other => panic!("a request to the new endpoint {name}: {other:?}"),
+                }
+                out_of_time();
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    };
+    api.apply(slice(
+        &probe_ns,
+        LATE_SERVICE,
+        probe_port,
+        &[(late_pod.to_string(), true)],
+    ));
+    // The pod that answered a probe request, which must have been routed.
+    let answered_by = |answer: Option<(StatusCode, Option<String>)>| -> String {
+        match answer {
+            Some((StatusCode::OK, Some(pod))) => pod,
+            other => panic!("a probe request was not answered by a probe pod: {other:?}"),
+        }
+    };
+    // Sends pinned requests back to back after a change at `applied` until one waits; the
+    // time to that request's send, and to the send of the last one still routed to a pod.
+    let until_waiting = |applied: Instant| {
+        let (send, answered_by) = (&send, &answered_by);
+        async move {
+            let mut last_routed = None;
+            let out_of_time = deadline("a probe request to wait", Duration::from_secs(60));
+            loop {
+                let sent = Instant::now();
+                let mut req = send();
+                match tokio::time::timeout(PARKED_AFTER, &mut req).await {
+                    Ok(answer) => {
+                        answered_by(answer.unwrap());
+                        last_routed = Some(sent);
+                    }
+                    Err(_) => {
+                        let routed = last_routed.map(|t: Instant| t - applied);
+                        return (sent - applied, routed, req);
+                    }
+                }
+                out_of_time();
+            }
+        }
+    };
+
+    // 2. The first routing table: a request to endpoint 0 is routed to one of its pods.
+    let out_of_time = deadline("the first routing table", Duration::from_secs(120));
+    loop {
+        match send().await.unwrap() {
+            Some((StatusCode::OK, Some(pod))) => {
+                assert!(
+                    (0..s.pods).any(|k| probe_pod(k).to_string() == pod),
+                    "answered by {pod}"
+                );
+                break;
+            }
+            Some((StatusCode::NOT_FOUND, _)) | None => {}
+            other => panic!("a probe request before the first table: {other:?}"),
         }
         router.check_alive();
         out_of_time();
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let routed = Stage {
+        at: start.elapsed(),
+        cpu: router.cpu(),
     };
-    for (kind, count) in [
-        ("ScoringEndpoint", s.endpoints),
-        ("EndpointSlice", 2 * s.endpoints),
-        ("Secret", s.namespaces),
-    ] {
-        let got = support::metric(&text, "scorefront_kubernetes_objects", &[("kind", kind)]);
-        assert_eq!(
-            got,
-            Some(count as f64),
-            "scorefront_kubernetes_objects {kind}"
-        );
-    }
     row(
-        "start to /metrics showing every endpoint and pod ready",
+        "start to the first routing table (a request to endpoint 0 routed)",
         format!(
-            "{:.3} s, router CPU {:.2} s: {} endpoints, {} versions, {} ready pods",
+            "{:.3} s, router CPU {:.2} s",
             routed.at.as_secs_f64(),
-            routed.cpu,
-            want.endpoints,
-            want.versions,
-            want.ready
+            routed.cpu
         ),
     );
-    let mut scrapes = Vec::new();
-    for _ in 0..5 {
-        let t = Instant::now();
-        let text = adm.metrics().await;
-        scrapes.push((t.elapsed(), text.len()));
-    }
-    scrapes.sort();
-    let (scrape_time, scrape_bytes) = scrapes[2];
     row(
-        "one /metrics scrape",
-        format!(
-            "{:.1} MB, {:.1} ms (median of 5)",
-            scrape_bytes as f64 / 1e6,
-            scrape_time.as_secs_f64() * 1e3
-        ),
+        "router memory at the first routing table",
+        router.memory().show(),
     );
-    row("router memory after 6 scrapes", router.memory().show());
 
-    // 3. The status writes, and their echo through the watch.
-    let out_of_time = deadline("the status writes", Duration::from_secs(300));
+    // 3. The router writes every ScoringEndpoint's status, and each write comes back to it
+    // through its watch. A slice change while it works through them: every probe pod turns
+    // unready, and requests must stop reaching them.
     let status_writes = || {
         (api.requests().iter())
             .filter(|r| r.method == http::Method::PATCH && r.path.ends_with("/status"))
             .count()
     };
+    let out_of_time = deadline("the status writes", Duration::from_secs(300));
     while status_writes() < s.endpoints {
         router.check_alive();
         out_of_time();
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let written = Stage {
         at: start.elapsed(),
         cpu: router.cpu(),
     };
+    let applied = Instant::now();
+    api.apply(probe_slice(&first_pods(false)));
+    let (waits, routed_before, waiting) = until_waiting(applied).await;
+    waiting.abort();
+    // A new ScoringEndpoint at the same time comes behind the status writes on its watch.
+    let late_busy = add_endpoint("ep-late-1").await;
+    row(
+        "slice change to routing while the status writes come back (pods turned unready get no more requests)",
+        match routed_before {
+            Some(routed) => format!(
+                "{:.2} ms (the request sent {:.2} ms earlier was still routed)",
+                waits.as_secs_f64() * 1e3,
+                (waits - routed).as_secs_f64() * 1e3
+            ),
+            None => format!(
+                "{:.2} ms (the first request sent after the change already waited)",
+                waits.as_secs_f64() * 1e3
+            ),
+        },
+    );
+    // Every status says what the router routes: all pods ready, but the probe's green.
+    let expected = |i: usize| 2 * s.pods - if i == PROBE { s.pods } else { 0 };
+    let out_of_time = deadline("every status to be written", Duration::from_secs(300));
+    loop {
+        let right = (0..s.endpoints)
+            .filter(|&i| {
+                let obj = api.get("scoringendpoints", &s.namespace(i), &endpoint_name(i));
+                let ready = obj
+                    .as_ref()
+                    .and_then(|o| o.pointer("/status/readyReplicas"));
+                ready.and_then(Value::as_u64) == Some(expected(i) as u64)
+            })
+            .count();
+        if right == s.endpoints {
+            break;
+        }
+        router.check_alive();
+        out_of_time();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let out_of_time = deadline("the router to go quiet", Duration::from_secs(300));
     let quiet = loop {
         let (t, cpu) = (start.elapsed(), router.cpu());
@@ -759,16 +870,24 @@ async fn run(s: Settings, router_pid: Arc<AtomicU32>) {
         out_of_time();
     };
     row(
+        "new ScoringEndpoint to routing, applied right after the status writes",
+        format!("{:.3} s", late_busy.as_secs_f64()),
+    );
+    row(
         "status writes",
         format!(
-            "{} written {:.3} s after start (router CPU {:.2} s); quiet from {:.3} s \
-             (router CPU {:.2} s)",
-            status_writes(),
+            "{} written {:.3} s after start (router CPU {:.2} s); every status right and \
+             the router quiet from {:.3} s (router CPU {:.2} s)",
+            s.endpoints,
             written.at.as_secs_f64(),
             written.cpu,
             quiet.at.as_secs_f64(),
             quiet.cpu
         ),
+    );
+    row(
+        "router memory after the status writes (no /metrics scrape yet)",
+        router.memory().show(),
     );
 
     // 4. Idle.
@@ -784,71 +903,86 @@ async fn run(s: Settings, router_pid: Arc<AtomicU32>) {
         ),
     );
     row("router memory after idle", router.memory().show());
-
-    // 5. Slice changes on the probe version, seen by routing.
-    let probe_ns = s.namespace(PROBE);
-    let probe_service = service(PROBE, true);
-    let probe_slice = |pods: &[(String, bool)]| slice(&probe_ns, &probe_service, probe_port, pods);
-    let client = support::client();
-    let url = format!(
-        "http://{}/api/v1/endpoint/{}/score",
-        router.http,
-        endpoint_name(PROBE)
+    let late_quiet = add_endpoint("ep-late-2").await;
+    row(
+        "new ScoringEndpoint to routing, applied when quiet",
+        format!("{:.2} ms", late_quiet.as_secs_f64() * 1e3),
     );
-    let send = || -> JoinHandle<Option<String>> {
-        let req = support::scoring_post(
-            &url,
-            support::KEY,
-            &[("azureml-model-deployment", "green")],
-            "{}",
-        );
-        let client = client.clone();
-        tokio::spawn(async move {
-            let resp = client.request(req).await.ok()?;
-            let status = resp.status();
-            let body = resp.into_body().collect().await.ok()?.to_bytes();
-            assert_eq!(status, 200, "a probe request: {body:?}");
-            Some(support::json(&body)["pod"].as_str()?.to_owned())
-        })
-    };
-    // The probe answers from one of its first pods.
-    let pod = send().await.unwrap().expect("an answer from a probe pod");
-    assert!(
-        (0..s.pods).any(|k| probe_pod(k).to_string() == pod),
-        "answered by {pod}"
-    );
-
-    // Sends pinned requests back to back after a change at `applied` until one waits; the
-    // time to that request's send, and to the send of the last one still routed to a pod.
-    let until_waiting = |applied: Instant| {
-        let send = &send;
-        async move {
-            let mut last_routed = None;
-            let out_of_time = deadline("a probe request to wait", Duration::from_secs(30));
-            loop {
-                let sent = Instant::now();
-                let mut req = send();
-                match tokio::time::timeout(PARKED_AFTER, &mut req).await {
-                    Ok(answer) => {
-                        answer.unwrap().expect("an answer from a probe pod");
-                        last_routed = Some(sent);
-                    }
-                    Err(_) => {
-                        let routed = last_routed.map_or(Duration::ZERO, |t| t - applied);
-                        return (sent - applied, routed, req);
-                    }
-                }
-                out_of_time();
-            }
+    // Both go again, with their Service, so that the counts below are the configured ones.
+    for name in ["ep-late-1", "ep-late-2"] {
+        api.delete("scoringendpoints", &probe_ns, name);
+    }
+    api.delete("endpointslices", &probe_ns, &format!("{LATE_SERVICE}-s1"));
+    let out_of_time = deadline("the new endpoints to go", Duration::from_secs(120));
+    for name in ["ep-late-1", "ep-late-2"] {
+        while send_to(name, &[]).await.unwrap().map(|a| a.0) != Some(StatusCode::NOT_FOUND) {
+            out_of_time();
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    // 5. /metrics, with the probe pods ready again: every endpoint and pod is routable.
+    api.apply(probe_slice(&first_pods(true)));
+    let out_of_time = deadline("the probe pods to be ready again", Duration::from_secs(60));
+    while send().await.unwrap().map(|a| a.0) != Some(StatusCode::OK) {
+        out_of_time();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let want = Routable {
+        endpoints: s.endpoints,
+        versions: 2 * s.endpoints,
+        ready: s.pods_total() as u64,
     };
-    // Every probe pod unready: from now on a pinned request waits.
-    let pods: Vec<(String, bool)> = (0..s.pods)
-        .map(|k| (probe_pod(k).to_string(), false))
-        .collect();
+    let t = Instant::now();
+    let text = adm.metrics().await;
+    let first_scrape = t.elapsed();
+    assert_eq!(routable(&text), want, "what /metrics says is routable");
+    for (kind, count) in [
+        ("ScoringEndpoint", s.endpoints),
+        ("EndpointSlice", 2 * s.endpoints),
+        ("Secret", s.namespaces),
+    ] {
+        let got = support::metric(&text, "scorefront_kubernetes_objects", &[("kind", kind)]);
+        assert_eq!(
+            got,
+            Some(count as f64),
+            "scorefront_kubernetes_objects {kind}"
+        );
+    }
+    row(
+        "first /metrics scrape",
+        format!(
+            "{:.1} MB in {:.1} ms: {} endpoints, {} versions, {} ready pods",
+            text.len() as f64 / 1e6,
+            first_scrape.as_secs_f64() * 1e3,
+            want.endpoints,
+            want.versions,
+            want.ready
+        ),
+    );
+    row("router memory after one scrape", router.memory().show());
+    let mut scrapes = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        adm.metrics().await;
+        scrapes.push(t.elapsed());
+    }
+    row(
+        "5 more /metrics scrapes",
+        format!("median {:.1} ms", percentile(&scrapes, 0.5)),
+    );
+    row("router memory after 6 scrapes", router.memory().show());
+
+    // 6. Slice changes on the probe version, seen by routing. First every probe pod
+    // unready again, so that a pinned request waits.
     let applied = Instant::now();
-    api.apply(probe_slice(&pods));
+    api.apply(probe_slice(&first_pods(false)));
     let (_, _, mut waiting) = until_waiting(applied).await;
+    // The pod a request was routed to, if it was.
+    let routed_to = |answer: Option<(StatusCode, Option<String>)>| match answer {
+        Some((StatusCode::OK, pod)) => pod,
+        _ => None,
+    };
     let (mut to_ready, mut to_unready, mut resolution) = (Vec::new(), Vec::new(), Vec::new());
     let mut misjudged = 0;
     for change in 0..s.changes {
@@ -871,7 +1005,7 @@ async fn run(s: Settings, router_pid: Arc<AtomicU32>) {
                     }
                 }
                 pod = &mut waiting, if answered.is_none() => {
-                    let pod = pod.unwrap();
+                    let pod = routed_to(pod.unwrap());
                     if pod != new_pod {
                         // The request taken for waiting had been routed to the old pod
                         // after all: nothing waited for this change.
@@ -883,7 +1017,7 @@ async fn run(s: Settings, router_pid: Arc<AtomicU32>) {
             }
         };
         if answered.is_none() && reached.is_some() {
-            answered = Some(waiting.await.unwrap());
+            answered = Some(routed_to(waiting.await.unwrap()));
         }
         match reached {
             Some(at) if answered == Some(new_pod) => to_ready.push(at - applied),
@@ -894,7 +1028,7 @@ async fn run(s: Settings, router_pid: Arc<AtomicU32>) {
         api.apply(probe_slice(&[(new.to_string(), false)]));
         let (waits, routed, req) = until_waiting(applied).await;
         to_unready.push(waits);
-        resolution.push(waits - routed);
+        resolution.push(waits - routed.unwrap_or_default());
         waiting = req;
     }
     waiting.abort();
@@ -905,8 +1039,8 @@ async fn run(s: Settings, router_pid: Arc<AtomicU32>) {
     row(
         "slice change to routing: a pod turned unready gets no more requests",
         format!(
-            "{} ({} changes); the request sent before it was still routed, p50 {:.2} ms \
-             earlier",
+            "{} ({} changes); the last request still routed (or else the change) came \
+             p50 {:.2} ms earlier",
             spread(&to_unready),
             to_unready.len(),
             percentile(&resolution, 0.5)
@@ -919,7 +1053,7 @@ async fn run(s: Settings, router_pid: Arc<AtomicU32>) {
         );
     }
 
-    // 6. The same kind of change as /metrics shows it, on another endpoint.
+    // 7. The same kind of change as /metrics shows it, on another endpoint.
     let target = s.endpoints / 2;
     let (ns, svc, ep) = (
         s.namespace(target),
