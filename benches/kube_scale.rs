@@ -985,56 +985,76 @@ async fn run(s: Settings, router_pid: Arc<AtomicU32>) {
     };
     let (mut to_ready, mut to_unready, mut resolution) = (Vec::new(), Vec::new(), Vec::new());
     let mut misjudged = 0;
+    let mut to_ready_again = Vec::new();
     for change in 0..s.changes {
-        // A new pod, ready: the waiting request reaches it.
+        // A new pod, ready: the waiting request reaches it (over a new connection). Then
+        // the same pod turns unready, ready again (the router keeps its connection to it
+        // while it is listed), and unready again.
         let new = probe_pod(s.pods + change);
-        while arrivals.try_recv().is_ok() {}
-        let applied = Instant::now();
-        api.apply(probe_slice(&[(new.to_string(), true)]));
-        let out_of_time = deadline(
-            "the waiting request to reach the new pod",
-            Duration::from_secs(20),
-        );
-        let new_pod = Some(new.to_string());
-        let mut answered = None;
-        let reached = loop {
-            tokio::select! {
-                Some(a) = arrivals.recv() => {
-                    if a.pod == IpAddr::V4(new) {
-                        break Some(a.at);
+        for again in [false, true] {
+            while arrivals.try_recv().is_ok() {}
+            let applied = Instant::now();
+            api.apply(probe_slice(&[(new.to_string(), true)]));
+            let out_of_time = deadline(
+                "the waiting request to reach the new pod",
+                Duration::from_secs(20),
+            );
+            let new_pod = Some(new.to_string());
+            let mut answered = None;
+            let reached = loop {
+                tokio::select! {
+                    Some(a) = arrivals.recv() => {
+                        if a.pod == IpAddr::V4(new) {
+                            break Some(a.at);
+                        }
                     }
-                }
-                pod = &mut waiting, if answered.is_none() => {
-                    let pod = routed_to(pod.unwrap());
-                    if pod != new_pod {
-                        // The request taken for waiting had been routed to the old pod
-                        // after all: nothing waited for this change.
-                        break None;
+                    pod = &mut waiting, if answered.is_none() => {
+                        let pod = routed_to(pod.unwrap());
+                        if pod != new_pod {
+                            // The request taken for waiting had been routed to the old
+                            // pod after all: nothing waited for this change.
+                            break None;
+                        }
+                        answered = Some(pod);
                     }
-                    answered = Some(pod);
+                    () = tokio::time::sleep(Duration::from_secs(1)) => out_of_time(),
                 }
-                () = tokio::time::sleep(Duration::from_secs(1)) => out_of_time(),
+            };
+            if answered.is_none() && reached.is_some() {
+                answered = Some(routed_to(waiting.await.unwrap()));
             }
-        };
-        if answered.is_none() && reached.is_some() {
-            answered = Some(routed_to(waiting.await.unwrap()));
+            match reached {
+                Some(at) if answered == Some(new_pod) => {
+                    let samples = if again {
+                        &mut to_ready_again
+                    } else {
+                        &mut to_ready
+                    };
+                    samples.push(at - applied);
+                }
+                _ => misjudged += 1,
+            }
+            // Unready: requests stop reaching it, and one waits again.
+            let applied = Instant::now();
+            api.apply(probe_slice(&[(new.to_string(), false)]));
+            let (waits, routed, req) = until_waiting(applied).await;
+            to_unready.push(waits);
+            resolution.push(waits - routed.unwrap_or_default());
+            waiting = req;
         }
-        match reached {
-            Some(at) if answered == Some(new_pod) => to_ready.push(at - applied),
-            _ => misjudged += 1,
-        }
-        // The same pod turns unready: requests stop reaching it, and one waits again.
-        let applied = Instant::now();
-        api.apply(probe_slice(&[(new.to_string(), false)]));
-        let (waits, routed, req) = until_waiting(applied).await;
-        to_unready.push(waits);
-        resolution.push(waits - routed.unwrap_or_default());
-        waiting = req;
     }
     waiting.abort();
     row(
         "slice change to routing: a new ready pod gets the waiting request",
         format!("{} ({} changes)", spread(&to_ready), to_ready.len()),
+    );
+    row(
+        "slice change to routing: an unready pod turned ready again gets the waiting request",
+        format!(
+            "{} ({} changes)",
+            spread(&to_ready_again),
+            to_ready_again.len()
+        ),
     );
     row(
         "slice change to routing: a pod turned unready gets no more requests",
@@ -1049,7 +1069,7 @@ async fn run(s: Settings, router_pid: Arc<AtomicU32>) {
     if misjudged > 0 {
         row(
             "probe requests taken for waiting but routed",
-            format!("{misjudged} (their new-pod samples dropped)"),
+            format!("{misjudged} (their ready samples dropped)"),
         );
     }
 
