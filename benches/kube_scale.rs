@@ -417,6 +417,23 @@ impl Memory {
     }
 }
 
+/// The machine's CPU time so far (all but idle and iowait) and the part of it stolen by
+/// the hypervisor, in clock ticks, from `/proc/stat`.
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap();
+    let cpu: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let total: u64 = cpu.iter().take(8).sum();
+    (total - cpu[3] - cpu[4], cpu[7])
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -608,6 +625,7 @@ async fn run(s: Settings, router_pid: Arc<AtomicU32>) {
     );
     let machine = machine();
     println!("  machine: {machine}");
+    let ticks_before = machine_ticks();
 
     // The API server and the probe pods: the first `pods` are endpoint 0's green pods,
     // then one new pod per change.
@@ -1126,6 +1144,15 @@ async fn run(s: Settings, router_pid: Arc<AtomicU32>) {
             "{:.2} s; this process (API server, pods, clients): {:.2} s",
             router.cpu(),
             cpu_seconds("/proc/self/stat")
+        ),
+    );
+    let ticks_after = machine_ticks();
+    let busy = (ticks_after.0 - ticks_before.0).max(1);
+    row(
+        "steal during the run",
+        format!(
+            "{:.1} % of the machine's busy time",
+            100.0 * (ticks_after.1 - ticks_before.1) as f64 / busy as f64
         ),
     );
     router.stop().await;
