@@ -5,27 +5,33 @@
 //!
 //! What it measures, and how:
 //! - **first sync**: the time and the router's CPU (user + system, `/proc/PID/stat`) from
-//!   starting the process to `/readyz` answering 200, then to the first `/metrics` that
-//!   shows every endpoint with every pod ready (asserted);
+//!   starting the process to `/readyz` answering 200, then to the first routing table (a
+//!   request to endpoint 0 is routed);
 //! - **status writes**: the router then writes each ScoringEndpoint's status, and sees each
-//!   write come back through its watch; the time and CPU until it has written them all and
-//!   has been quiet (under 5 % of a core) for a second;
-//! - **memory**: VmRSS and VmHWM (`/proc/PID/status`) at each stage: before the first
-//!   scrape, after it, after the status writes and an idle period, and at the end;
+//!   write come back through its watch; the time and CPU until it has written them all,
+//!   every status reports the pods ready, and it has been quiet (under 5 % of a core) for
+//!   a second;
+//! - **memory**: VmRSS and VmHWM (`/proc/PID/status`) at each stage. `/metrics` is first
+//!   scraped after the idle period, because a scrape at this size allocates tens of MiB;
+//!   that scrape must show every endpoint, version and pod (asserted);
 //! - **idle CPU** over a quiet period after the status writes;
 //! - **a slice change reaching routing**, on endpoint 0's `green` version, whose pods are
 //!   fake models on loopback addresses in this process:
-//!   - *a new ready pod*: a scoring request pinned to `green` waits in the router while
-//!     `green` has no ready pod; the figure is the time from applying a slice with a new
-//!     ready pod to that request reaching the pod;
+//!   - *a new ready pod*, and *an unready pod ready again*: a scoring request pinned to
+//!     `green` waits in the router while `green` has no ready pod; the figure is the time
+//!     from applying the slice to that request reaching the pod;
 //!   - *a pod turning unready*: pinned requests are sent back to back after applying it;
 //!     the figure is the time from applying it to sending the first request that the router
 //!     no longer routes to the pod (it waits instead); the request before it was still
 //!     routed there, so the figure is exact to within one request's round trip;
+//!   - the same, once while the router works through the echo of its status writes;
 //! - **the same change seen from `/metrics`**: a pod of another endpoint turns unready or
 //!   ready again, and `/metrics` is scraped back to back until
 //!   `scorefront_replicas{state="ready"}` shows it (a scrape's own time included), as a
-//!   monitoring system would see it; the size and time of one scrape are reported too.
+//!   monitoring system would see it; the size and time of one scrape are reported too;
+//! - **a new ScoringEndpoint**: the time from applying it to a request to it being routed
+//!   (404 until then), right after the status writes and when the router is quiet;
+//! - **steal**: the hypervisor's share of the machine's busy time during the run.
 //!
 //! Everything is bounded in time; the router is stopped at the end, and killed if this
 //! process fails or runs out of time.
@@ -35,7 +41,8 @@
 //! - `KSCALE_ENDPOINTS` (1000): ScoringEndpoints, each with 2 versions;
 //! - `KSCALE_PODS` (5): pods per Service;
 //! - `KSCALE_NAMESPACES` (1): namespaces the endpoints are spread over;
-//! - `KSCALE_CHANGES` (50): new-pod and unready changes on the probe version, each;
+//! - `KSCALE_CHANGES` (50): new pods on the probe version, each made unready, ready again
+//!   and unready again;
 //! - `KSCALE_METRICS_CHANGES` (20): changes observed through `/metrics`;
 //! - `KSCALE_IDLE_SECONDS` (10): the idle period;
 //! - `KSCALE_TIMEOUT_SECONDS` (900): the whole run, after which the router is killed;
