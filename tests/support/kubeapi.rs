@@ -836,6 +836,9 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>, mut stop: oneshot::R
 }
 
 async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
+    // As the real API server (Go sets TCP_NODELAY on every connection): a watch event is
+    // sent at once, not held back until the client acknowledges the previous one.
+    let _ = stream.set_nodelay(true);
     let service = service_fn(move |req| handle(shared.clone(), req));
     // kube's client speaks HTTP/1.1 to the API server.
     let _ = http1::Builder::new()
