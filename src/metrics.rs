@@ -1,12 +1,16 @@
 //! The Prometheus registry and every metric scorefront exports, in one place.
 //!
 //! Label values come only from configured endpoint and version names (or the empty string
-//! for a request that matched no endpoint), so cardinality is bounded by the config.
+//! for a request that matched no endpoint), so cardinality is bounded by the config; a
+//! version's series appear at its first request and leave when it leaves the config.
 //! Counters and histograms are recorded when a request ends; the gauges (in flight,
 //! queued, replicas) are read from the live slot accounting at scrape time, so the request
 //! path never updates them.
 
-use std::{collections::HashMap, sync::Mutex};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, OnceLock},
+};
 
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -59,25 +63,50 @@ pub struct Metrics {
 /// outcomes takes no lookup in the counter family (and no lock).
 const COMMON_STATUSES: [u16; 12] = [200, 201, 204, 400, 404, 413, 422, 429, 500, 502, 503, 504];
 
-/// Metric handles of one version, resolved once when the routing table is built.
+/// Metric handles of one version, resolved at its first request (a version nobody calls
+/// exports no series, and costs no memory: with thousands of versions in a cluster, the
+/// series are most of the registry) and then kept for the life of the routing tables.
 #[derive(Clone)]
 pub struct VersionMetrics {
-    pub request_duration: Histogram,
-    pub queue_wait: Histogram,
-    pub upstream_duration: Histogram,
-    requests: [IntCounter; COMMON_STATUSES.len()],
-    /// The family and labels, for statuses outside [`COMMON_STATUSES`].
-    family: IntCounterVec,
+    handles: Arc<OnceLock<Handles>>,
+    /// The families and labels, to resolve the handles and for rare statuses.
+    requests: IntCounterVec,
+    request_duration: HistogramVec,
+    queue_wait: HistogramVec,
+    upstream_duration: HistogramVec,
     endpoint: String,
     version: String,
 }
 
+pub struct Handles {
+    pub request_duration: Histogram,
+    pub queue_wait: Histogram,
+    pub upstream_duration: Histogram,
+    requests: [IntCounter; COMMON_STATUSES.len()],
+}
+
 impl VersionMetrics {
+    /// The version's handles, resolved on first use.
+    pub fn handles(&self) -> &Handles {
+        self.handles.get_or_init(|| {
+            let l = &[self.endpoint.as_str(), self.version.as_str()];
+            Handles {
+                request_duration: self.request_duration.with_label_values(l),
+                queue_wait: self.queue_wait.with_label_values(l),
+                upstream_duration: self.upstream_duration.with_label_values(l),
+                requests: COMMON_STATUSES.map(|s| {
+                    self.requests
+                        .with_label_values(&[l[0], l[1], &s.to_string()])
+                }),
+            }
+        })
+    }
+
     pub fn count_request(&self, status: http::StatusCode) {
         match COMMON_STATUSES.iter().position(|s| *s == status.as_u16()) {
-            Some(i) => self.requests[i].inc(),
+            Some(i) => self.handles().requests[i].inc(),
             None => self
-                .family
+                .requests
                 .with_label_values(&[
                     self.endpoint.as_str(),
                     self.version.as_str(),
@@ -227,17 +256,14 @@ impl Metrics {
         m
     }
 
+    /// The metrics of a version; nothing is registered until its first request.
     pub fn version(&self, endpoint: &str, version: &str) -> VersionMetrics {
-        let l = &[endpoint, version];
         VersionMetrics {
-            request_duration: self.request_duration.with_label_values(l),
-            queue_wait: self.queue_wait.with_label_values(l),
-            upstream_duration: self.upstream_duration.with_label_values(l),
-            requests: COMMON_STATUSES.map(|s| {
-                self.requests
-                    .with_label_values(&[endpoint, version, &s.to_string()])
-            }),
-            family: self.requests.clone(),
+            handles: Arc::default(),
+            requests: self.requests.clone(),
+            request_duration: self.request_duration.clone(),
+            queue_wait: self.queue_wait.clone(),
+            upstream_duration: self.upstream_duration.clone(),
             endpoint: endpoint.to_owned(),
             version: version.to_owned(),
         }
@@ -402,7 +428,7 @@ mod tests {
             let vm = m.version(ep, v);
             vm.count_request(http::StatusCode::OK);
             vm.count_request(http::StatusCode::IM_A_TEAPOT);
-            vm.request_duration.observe(0.1);
+            vm.handles().request_duration.observe(0.1);
         }
         m.count_unrouted("fraud", "401");
         m.count_auth_failure("fraud", "invalid_key");

@@ -256,12 +256,13 @@ impl Drop for Record {
             None => self.metrics.count_unrouted(endpoint, self.status.as_str()),
         }
         if let Some(v) = &self.version {
-            v.metrics.request_duration.observe(elapsed.as_secs_f64());
+            let handles = v.metrics.handles();
+            handles.request_duration.observe(elapsed.as_secs_f64());
             if let Some(w) = self.queue_wait {
-                v.metrics.queue_wait.observe(w.as_secs_f64());
+                handles.queue_wait.observe(w.as_secs_f64());
             }
             if let Some(u) = self.upstream {
-                v.metrics.upstream_duration.observe(u.as_secs_f64());
+                handles.upstream_duration.observe(u.as_secs_f64());
             }
         }
         // Whole microseconds; -1 for a phase the request never reached.
