@@ -66,7 +66,7 @@ pub struct ServicePods {
     pub slices: Vec<SlicePods>,
 }
 
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SlicePods {
     /// `(name, number)` of each port of the slice.
     pub ports: Vec<(Option<String>, u16)>,
@@ -277,10 +277,10 @@ impl Index {
                 }
             }
         }
-        let services = &self.services;
-        let used = |version: &VersionKey| services.values().flatten().any(|(v, _)| v == version);
-        self.pod_replicas.retain(|version, _| used(version));
-        self.withdrawn.retain(|version, _| used(version));
+        let used: HashSet<&VersionKey> = self.services.values().flatten().map(|(v, _)| v).collect();
+        self.pod_replicas
+            .retain(|version, _| used.contains(version));
+        self.withdrawn.retain(|version, _| used.contains(version));
 
         let mut kept = HashMap::new();
         for ep in &endpoints {

@@ -253,9 +253,19 @@ pub struct Source {
     metrics: Arc<Metrics>,
     /// Token issuers the router config configures, by name.
     issuers: Vec<String>,
+    /// ScoringEndpoints as listed, less what the router never reads (managed fields and
+    /// annotations, which can be larger than the rest).
     endpoints: HashMap<Key, DynamicObject>,
     secrets: HashMap<Key, Secret>,
-    slices: HashMap<Key, EndpointSlice>,
+    /// The pods of each EndpointSlice, by Service and then by slice name, so that a slice
+    /// change costs the slices of its own Service only.
+    slices: HashMap<ServiceKey, BTreeMap<String, SlicePods>>,
+    /// The Service of each slice, to find it again when it changes or goes.
+    slice_service: HashMap<Key, ServiceKey>,
+    /// Whether a definition may have changed since the endpoints were last sent: a
+    /// ScoringEndpoint's spec, or a key Secret. (The router's own status writes come back
+    /// as changes of the objects; they change no definition and cost nothing.)
+    dirty: bool,
     /// Objects listed since a watch's last `Init`, replacing its scope at `InitDone`.
     relisting: HashMap<Scope, Vec<Change>>,
     /// Watches that have listed at least once.
@@ -312,6 +322,8 @@ impl Source {
             endpoints: HashMap::new(),
             secrets: HashMap::new(),
             slices: HashMap::new(),
+            slice_service: HashMap::new(),
+            dirty: true,
             relisting: HashMap::new(),
             listed: HashSet::new(),
             scopes: 0,
@@ -417,7 +429,7 @@ impl Source {
                             self.release();
                         }
                     } else if first {
-                        self.settle(scope.kind);
+                        self.settle();
                     }
                 }
                 return false;
@@ -469,7 +481,7 @@ impl Source {
         self.metrics
             .kube_objects("ScoringEndpoint", self.endpoints.len());
         self.metrics
-            .kube_objects("EndpointSlice", self.slices.len());
+            .kube_objects("EndpointSlice", self.slice_service.len());
         self.metrics.kube_objects("Secret", self.secrets.len());
         match &self.held {
             Some((waiting, _)) if waiting.is_empty() => self.release(),
@@ -478,7 +490,7 @@ impl Source {
                 for service in services {
                     self.send_pods(service);
                 }
-                self.settle(kind);
+                self.settle();
             }
         }
         false
@@ -504,8 +516,7 @@ impl Source {
             );
         }
         self.send_endpoints();
-        let services: HashSet<ServiceKey> = (self.slices.values())
-            .filter_map(service_of)
+        let services: HashSet<ServiceKey> = (self.slices.keys().cloned())
             .chain(self.sent_pods.keys().cloned())
             .collect();
         for service in services {
@@ -513,17 +524,17 @@ impl Source {
         }
     }
 
-    /// Once every watch has listed: sends the definitions if a change of `kind` may have
-    /// changed them, and reports the source synced the first time.
-    fn settle(&mut self, kind: Kind) {
+    /// Once every watch has listed: sends the definitions if they may have changed, and
+    /// reports the source synced the first time.
+    fn settle(&mut self) {
         let synced = self.listed.len() == self.scopes;
-        if synced && (kind != Kind::Slices || !*self.synced.borrow()) {
+        if synced && (self.dirty || !*self.synced.borrow()) {
             self.send_endpoints();
         }
         if synced && !*self.synced.borrow() {
             tracing::info!(
                 endpoints = self.sent.len(),
-                slices = self.slices.len(),
+                slices = self.slice_service.len(),
                 "Kubernetes objects listed; serving them"
             );
             self.synced.send_replace(true);
@@ -538,15 +549,23 @@ impl Source {
         services: &mut HashSet<ServiceKey>,
     ) {
         match scope.kind {
-            Kind::Endpoints => self.endpoints.retain(|(ns, _), _| !scope.covers(ns)),
-            Kind::Secrets => self.secrets.retain(|(ns, _), _| !scope.covers(ns)),
-            Kind::Slices => self.slices.retain(|(ns, _), slice| {
-                let keep = !scope.covers(ns);
-                if !keep && let Some(s) = service_of(slice) {
-                    services.insert(s);
+            Kind::Endpoints => {
+                self.endpoints.retain(|(ns, _), _| !scope.covers(ns));
+                self.dirty = true;
+            }
+            Kind::Secrets => {
+                self.secrets.retain(|(ns, _), _| !scope.covers(ns));
+                self.dirty = true;
+            }
+            Kind::Slices => {
+                let gone: Vec<Key> = (self.slice_service.keys())
+                    .filter(|(ns, _)| scope.covers(ns))
+                    .cloned()
+                    .collect();
+                for key in gone {
+                    self.remove_slice(&key, services);
                 }
-                keep
-            }),
+            }
         }
         for change in listed {
             self.fold(change, services);
@@ -557,51 +576,66 @@ impl Source {
     fn fold(&mut self, change: Change, services: &mut HashSet<ServiceKey>) {
         use watcher::Event as W;
         match change {
-            Change::Endpoint(W::Apply(o) | W::InitApply(o)) => {
-                self.endpoints.insert(key_of(&o), o);
+            Change::Endpoint(W::Apply(mut o) | W::InitApply(mut o)) => {
+                o.metadata.managed_fields = None;
+                o.metadata.annotations = None;
+                let key = key_of(&o);
+                let same = self.endpoints.get(&key).is_some_and(|old| {
+                    old.metadata.uid == o.metadata.uid && old.data.get("spec") == o.data.get("spec")
+                });
+                self.dirty |= !same;
+                self.endpoints.insert(key, o);
             }
             Change::Endpoint(W::Delete(o)) => {
                 let key = key_of(&o);
                 self.endpoints.remove(&key);
                 self.good.remove(&key);
+                self.dirty = true;
             }
             Change::Secret(W::Apply(o) | W::InitApply(o)) => {
-                self.secrets.insert(key_of(&o), o);
+                let key = key_of(&o);
+                self.dirty |= self.secrets.get(&key).is_none_or(|old| old.data != o.data);
+                self.secrets.insert(key, o);
             }
             Change::Secret(W::Delete(o)) => {
                 self.secrets.remove(&key_of(&o));
+                self.dirty = true;
             }
             Change::Slice(W::Apply(o) | W::InitApply(o)) => {
-                if let Some(s) = service_of(&o) {
-                    services.insert(s);
-                }
-                if let Some(old) = self.slices.insert(key_of(&o), o)
-                    && let Some(s) = service_of(&old)
-                {
-                    services.insert(s);
+                let key = key_of(&o);
+                self.remove_slice(&key, services);
+                if let Some(service) = service_of(&o) {
+                    (self.slices.entry(service.clone()).or_default())
+                        .insert(key.1.clone(), slice_pods(&o));
+                    self.slice_service.insert(key, service.clone());
+                    services.insert(service);
                 }
             }
-            Change::Slice(W::Delete(o)) => {
-                if let Some(s) = service_of(&o) {
-                    services.insert(s);
-                }
-                self.slices.remove(&key_of(&o));
-            }
+            Change::Slice(W::Delete(o)) => self.remove_slice(&key_of(&o), services),
             Change::Endpoint(_) | Change::Secret(_) | Change::Slice(_) => {}
         }
     }
 
+    /// Forgets the slice `key`; notes its Service.
+    fn remove_slice(&mut self, key: &Key, services: &mut HashSet<ServiceKey>) {
+        let Some(service) = self.slice_service.remove(key) else {
+            return;
+        };
+        if let Some(slices) = self.slices.get_mut(&service) {
+            slices.remove(&key.1);
+            if slices.is_empty() {
+                self.slices.remove(&service);
+            }
+        }
+        services.insert(service);
+    }
+
     /// Sends the pods of `service` if they changed.
     fn send_pods(&mut self, service: ServiceKey) {
-        let mut slices: Vec<(&String, &EndpointSlice)> = self
-            .slices
-            .iter()
-            .filter(|(_, s)| service_of(s).as_ref() == Some(&service))
-            .map(|((_, name), s)| (name, s))
-            .collect();
-        slices.sort_by_key(|(name, _)| *name);
         let pods = ServicePods {
-            slices: slices.into_iter().map(|(_, s)| slice_pods(s)).collect(),
+            slices: (self.slices.get(&service).into_iter())
+                .flat_map(|slices| slices.values().cloned())
+                .collect(),
         };
         if self.sent_pods.get(&service).map(|p| &**p) == Some(&pods) {
             return;
@@ -618,6 +652,7 @@ impl Source {
     /// Validates every ScoringEndpoint, settles duplicate names, sends the served set if
     /// it changed, and publishes what each object looks like.
     fn send_endpoints(&mut self) {
+        self.dirty = false;
         let endpoints = &self.endpoints;
         self.good.retain(|key, _| endpoints.contains_key(key));
         let mut verdicts: HashMap<Key, Result<(), (&'static str, String)>> = HashMap::new();
@@ -1010,11 +1045,10 @@ pub async fn write_status(
         }
         let objects = observed.borrow().clone();
         let table = proxy.table();
-        written.retain(|k, _| {
-            objects
-                .iter()
-                .any(|o| (&o.namespace, &o.name) == (&k.0, &k.1))
-        });
+        let present: HashSet<(&str, &str)> = (objects.iter())
+            .map(|o| (o.namespace.as_str(), o.name.as_str()))
+            .collect();
+        written.retain(|k, _| present.contains(&(k.0.as_str(), k.1.as_str())));
         for obj in objects.iter() {
             let key = (obj.namespace.clone(), obj.name.clone());
             let before = (written.get(&key))
