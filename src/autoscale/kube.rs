@@ -99,6 +99,7 @@ impl KubeScaler {
                 name: name.clone(),
                 version: (endpoint.clone(), version.clone()),
                 current: current.clone(),
+                last_failure: Mutex::new(None),
             };
             tokio::spawn(run.run(want_rx));
             Worker { want, current }
@@ -130,6 +131,8 @@ struct Run {
     /// The version whose pods these are: `(endpoint, version)`.
     version: (String, String),
     current: Arc<Mutex<Option<u32>>>,
+    /// The last failure logged at length.
+    last_failure: Mutex<Option<String>>,
 }
 
 impl Run {
@@ -139,6 +142,7 @@ impl Run {
         let mut applied = loop {
             match deployments.get_scale(&self.name).await {
                 Ok(scale) => {
+                    self.succeeded();
                     let n = scale.spec.and_then(|s| s.replicas).unwrap_or(0);
                     break u32::try_from(n).unwrap_or(0);
                 }
@@ -185,6 +189,7 @@ impl Run {
                 .await
             {
                 Ok(_) => {
+                    self.succeeded();
                     tracing::info!(
                         namespace = self.namespace,
                         deployment = self.name,
@@ -276,7 +281,8 @@ impl Run {
         });
     }
 
-    /// Logs a failed call with what to do about it.
+    /// Logs a failed call with what to do about it: at length the first time, briefly
+    /// while it keeps failing the same way.
     fn failed(&self, what: &str, e: &kube::Error) {
         let hint = match e {
             kube::Error::Api(s) if s.code == 403 => {
@@ -284,17 +290,40 @@ impl Run {
                  patch on pods; see deploy/base)"
             }
             kube::Error::Api(s) if s.code == 404 => {
-                " (no such Deployment: check the version's \
-                                                     deployment, which defaults to its service)"
+                " (no such Deployment: check the version's deployment, which defaults to its \
+                 service)"
             }
             kube::Error::Api(s) if s.code == 409 => " (conflict: someone else changed it)",
             _ => "",
         };
-        tracing::warn!(
+        let message = format!(
             "cannot {what} Deployment {}/{}{hint}: {e}; retrying with backoff",
-            self.namespace,
-            self.name
+            self.namespace, self.name
         );
+        let mut last = self.last_failure.lock().expect("failure poisoned");
+        if last.as_deref() == Some(message.as_str()) {
+            tracing::debug!("{message}");
+        } else {
+            tracing::warn!("{message}");
+            *last = Some(message);
+        }
+    }
+
+    /// Notes that a call went through after failures.
+    fn succeeded(&self) {
+        if self
+            .last_failure
+            .lock()
+            .expect("failure poisoned")
+            .take()
+            .is_some()
+        {
+            tracing::info!(
+                namespace = self.namespace,
+                deployment = self.name,
+                "Deployment calls go through again"
+            );
+        }
     }
 
     /// Warns once if an HPA scales the same Deployment: two controllers would fight.

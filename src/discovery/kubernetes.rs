@@ -254,8 +254,11 @@ pub struct Source {
     /// Token issuers the router config configures, by name.
     issuers: Vec<String>,
     /// ScoringEndpoints as listed, less what the router never reads (managed fields and
-    /// annotations, which can be larger than the rest).
+    /// annotations, which can be larger than the rest) and their status, kept typed in
+    /// `statuses`.
     endpoints: HashMap<Key, DynamicObject>,
+    /// The status each ScoringEndpoint has in the cluster.
+    statuses: HashMap<Key, ScoringEndpointStatus>,
     secrets: HashMap<Key, Secret>,
     /// The pods of each EndpointSlice, by Service and then by slice name, so that a slice
     /// change costs the slices of its own Service only.
@@ -321,6 +324,7 @@ impl Source {
             issuers,
             endpoints: HashMap::new(),
             secrets: HashMap::new(),
+            statuses: HashMap::new(),
             slices: HashMap::new(),
             slice_service: HashMap::new(),
             dirty: true,
@@ -551,6 +555,7 @@ impl Source {
         match scope.kind {
             Kind::Endpoints => {
                 self.endpoints.retain(|(ns, _), _| !scope.covers(ns));
+                self.statuses.retain(|(ns, _), _| !scope.covers(ns));
                 self.dirty = true;
             }
             Kind::Secrets => {
@@ -580,6 +585,13 @@ impl Source {
                 o.metadata.managed_fields = None;
                 o.metadata.annotations = None;
                 let key = key_of(&o);
+                let status = (o.data.as_object_mut())
+                    .and_then(|data| data.remove("status"))
+                    .and_then(|s| serde_json::from_value(s).ok());
+                match status {
+                    Some(status) => self.statuses.insert(key.clone(), status),
+                    None => self.statuses.remove(&key),
+                };
                 let same = self.endpoints.get(&key).is_some_and(|old| {
                     old.metadata.uid == o.metadata.uid && old.data.get("spec") == o.data.get("spec")
                 });
@@ -589,6 +601,7 @@ impl Source {
             Change::Endpoint(W::Delete(o)) => {
                 let key = key_of(&o);
                 self.endpoints.remove(&key);
+                self.statuses.remove(&key);
                 self.good.remove(&key);
                 self.dirty = true;
             }
@@ -724,10 +737,7 @@ impl Source {
                     None => verdicts.remove(key).unwrap_or(Ok(())),
                 },
                 served: holders.contains(key),
-                status: obj
-                    .data
-                    .get("status")
-                    .and_then(|s| serde_json::from_value(s.clone()).ok()),
+                status: self.statuses.get(key).cloned(),
             })
             .collect();
         observed.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
