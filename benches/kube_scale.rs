@@ -1,7 +1,9 @@
 //! Kubernetes discovery at scale: the real router binary, as a child process, against the
 //! test API server (`tests/support/kubeapi.rs`) in this process, filled with N
-//! ScoringEndpoints of two versions each, one Service per version, one EndpointSlice per
-//! Service and 5 pods per slice: by default 1,000 endpoints and 10,000 pods.
+//! ScoringEndpoints of two versions each, one Service and one Deployment per version, one
+//! EndpointSlice per Service and 5 pods per slice: by default 1,000 endpoints and 10,000
+//! pods. Every version is autoscaled with its Deployment's count as the minimum, so the
+//! autoscaler reads and follows every Deployment and changes none.
 //!
 //! What it measures, and how:
 //! - **first sync**: the time and the router's CPU (user + system, `/proc/PID/stat`) from
@@ -207,10 +209,14 @@ fn fill(api: &KubeApi, s: &Settings, probe_port: u16) {
     for i in 0..s.endpoints {
         let ns = s.namespace(i);
         let probe = i == PROBE;
+        // Each version is autoscaled, at its Deployment's current count as the minimum, so
+        // the autoscaler reads every Deployment and follows every version but changes none.
+        let autoscale = json!({"minReplicas": s.pods, "maxReplicas": s.pods + 5});
         let mut green = json!({
             "name": "green",
             "service": service(i, true),
             "port": if probe { probe_port } else { MODEL_PORT },
+            "autoscale": autoscale,
         });
         if probe {
             green["maxRequestWaitTimeMs"] = PROBE_WAIT_MS.into();
@@ -219,11 +225,14 @@ fn fill(api: &KubeApi, s: &Settings, probe_port: u16) {
             "keysSecret": "keys",
             "versions": [
                 {"name": "blue", "service": service(i, false), "port": MODEL_PORT,
-                 "trafficPercentile": 90},
+                 "trafficPercentile": 90, "autoscale": autoscale},
                 green,
             ],
         });
         api.apply(kubeapi::scoring_endpoint(&ns, &endpoint_name(i), spec));
+        for green in [false, true] {
+            api.apply(kubeapi::deployment(&ns, &service(i, green), s.pods as i32));
+        }
         for (v, green) in [false, true].into_iter().enumerate() {
             let pods: Vec<(String, bool)> = (0..s.pods)
                 .map(|p| {

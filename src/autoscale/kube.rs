@@ -140,7 +140,9 @@ impl Run {
         let deployments: Api<Deployment> = Api::namespaced(self.client.clone(), &self.namespace);
         let mut backoff = Backoff::default();
         let mut applied = loop {
-            match deployments.get_scale(&self.name).await {
+            // The calls are boxed: a worker idles between counts, and thousands of idle
+            // workers should not each hold room for the largest call.
+            match Box::pin(deployments.get_scale(&self.name)).await {
                 Ok(scale) => {
                     self.succeeded();
                     let n = scale.spec.and_then(|s| s.replicas).unwrap_or(0);
@@ -161,7 +163,7 @@ impl Run {
             replicas = applied,
             "autoscaling Deployment from its current count"
         );
-        self.warn_if_hpa().await;
+        Box::pin(self.warn_if_hpa()).await;
         loop {
             if want.changed().await.is_err() {
                 return;
@@ -174,8 +176,7 @@ impl Run {
                 continue;
             }
             if replicas < applied {
-                self.prepare_scale_down(applied - replicas, &slots, &want)
-                    .await;
+                Box::pin(self.prepare_scale_down(applied - replicas, &slots, &want)).await;
                 if want.has_changed().unwrap_or(true) {
                     continue; // asked again meanwhile: decide on the newest
                 }
@@ -184,8 +185,7 @@ impl Run {
             }
             let patch = serde_json::json!({"spec": {"replicas": replicas}});
             let params = PatchParams::default();
-            match deployments
-                .patch_scale(&self.name, &params, &Patch::Merge(&patch))
+            match Box::pin(deployments.patch_scale(&self.name, &params, &Patch::Merge(&patch)))
                 .await
             {
                 Ok(_) => {

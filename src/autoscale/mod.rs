@@ -42,7 +42,12 @@ struct Tracked {
     next: Instant,
     /// What the actuator was last asked for.
     asked: Option<u32>,
+    /// The last step that saw the version in the routing table.
+    seen: u64,
 }
+
+/// The versions followed, by endpoint and version name.
+type Versions = HashMap<String, HashMap<String, Tracked>>;
 
 /// Follows every autoscaled version of the routing table. Owned by its task.
 pub struct Autoscaler {
@@ -55,80 +60,96 @@ pub struct Autoscaler {
 impl Autoscaler {
     /// Samples and decides until `stop` turns true.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
-        let mut tracked: HashMap<(String, String), Tracked> = HashMap::new();
+        let mut tracked = Versions::new();
         let mut tick = tokio::time::interval(SAMPLE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
+        for step in 1.. {
             tokio::select! {
                 _ = tick.tick() => {}
                 () = crate::until_true(&mut stop) => return,
             }
-            self.step(&mut tracked, Instant::now());
+            self.step(&mut tracked, step, Instant::now());
         }
     }
 
-    /// One sample of every version, and a decision for those whose refresh came.
-    fn step(&self, tracked: &mut HashMap<(String, String), Tracked>, now: Instant) {
+    /// One sample of every version, and a decision for those whose refresh came. A step
+    /// allocates nothing unless the table or a count changed: with thousands of versions
+    /// it runs four times a second.
+    fn step(&self, tracked: &mut Versions, step: u64, now: Instant) {
         let table = self.proxy.table();
-        let metrics = self.proxy.metrics();
-        let mut seen = Vec::new();
+        let mut changed = false;
         for ep in table.endpoints() {
             for v in ep.versions() {
                 let Some(a) = v.spec.autoscale else { continue };
-                let Some(target) = Target::of(&ep.name, &v.spec) else {
-                    continue;
-                };
-                let key = (ep.name.clone(), v.name().to_owned());
-                seen.push(key.clone());
-                let t = tracked.entry(key).or_insert_with(|| Tracked {
-                    target: target.clone(),
-                    route: v.clone(),
-                    state: None,
-                    peak: 0,
-                    next: now,
-                    asked: None,
-                });
-                if t.target != target {
-                    // Another command or Deployment: a new set, counted afresh.
-                    *t = Tracked {
-                        target,
-                        route: v.clone(),
-                        state: None,
-                        peak: 0,
-                        next: now,
-                        asked: None,
-                    };
+                if !tracked.contains_key(&ep.name) {
+                    tracked.insert(ep.name.clone(), HashMap::new());
                 }
-                t.route = v.clone();
+                let versions = tracked.get_mut(&ep.name).expect("inserted above");
+                if versions
+                    .get(v.name())
+                    .is_none_or(|t| !Arc::ptr_eq(&t.route, v))
+                {
+                    // A new table: the version may have another command or Deployment.
+                    let Some(target) = Target::of(&ep.name, &v.spec) else {
+                        continue;
+                    };
+                    match versions.get_mut(v.name()) {
+                        Some(t) if t.target == target => t.route = v.clone(),
+                        _ => {
+                            let fresh = Tracked {
+                                target,
+                                route: v.clone(),
+                                state: None,
+                                peak: 0,
+                                next: now,
+                                asked: None,
+                                seen: step,
+                            };
+                            versions.insert(v.name().to_owned(), fresh);
+                            changed = true;
+                        }
+                    }
+                }
+                let t = versions.get_mut(v.name()).expect("tracked above");
+                t.seen = step;
                 let demand = v.slots.in_flight() + v.slots.queued();
                 t.peak = t.peak.max(u32::try_from(demand).unwrap_or(u32::MAX));
                 if now < t.next {
                     continue;
                 }
                 t.next = now + a.refresh;
-                self.decide(&ep.name, t, a, now);
+                changed |= self.decide(&ep.name, t, a, now);
             }
         }
-        tracked.retain(|key, _| {
-            let keep = seen.contains(key);
-            if !keep {
-                metrics.forget_autoscaled(&key.0, &key.1);
-            }
-            keep
+        let metrics = self.proxy.metrics();
+        tracked.retain(|endpoint, versions| {
+            versions.retain(|version, t| {
+                let keep = t.seen == step;
+                if !keep {
+                    metrics.forget_autoscaled(endpoint, version);
+                    changed = true;
+                }
+                keep
+            });
+            !versions.is_empty()
         });
-        let desired: Desired = (tracked.iter())
-            .filter_map(|(key, t)| Some((key.clone(), t.state.as_ref()?.desired)))
-            .collect();
-        self.desired.send_if_modified(|old| {
-            let changed = **old != desired;
-            if changed {
-                *old = Arc::new(desired);
-            }
-            changed
-        });
+        if changed {
+            let desired: Desired = (tracked.iter())
+                .flat_map(|(endpoint, versions)| {
+                    (versions.iter()).filter_map(move |(version, t)| {
+                        Some((
+                            (endpoint.clone(), version.clone()),
+                            t.state.as_ref()?.desired,
+                        ))
+                    })
+                })
+                .collect();
+            self.desired.send_replace(Arc::new(desired));
+        }
     }
 
-    fn decide(&self, endpoint: &str, t: &mut Tracked, a: spec::Autoscale, now: Instant) {
+    /// Decides the count of one version; returns whether it changed (or became known).
+    fn decide(&self, endpoint: &str, t: &mut Tracked, a: spec::Autoscale, now: Instant) -> bool {
         let v = &t.route;
         let initial = match &v.spec.replicas {
             ReplicaSource::Command { count, .. } => *count,
@@ -138,8 +159,9 @@ impl Autoscaler {
             Some(s) => Some(s.desired),
             None => self.actuator.current(&t.target, initial),
         }) else {
-            return; // the count in force is not known yet
+            return false; // the count in force is not known yet
         };
+        let known = t.state.is_some();
         let state = t.state.get_or_insert_with(|| State::new(current));
         let settings = Settings {
             min: a.min_replicas,
@@ -186,5 +208,6 @@ impl Autoscaler {
             t.asked = Some(d.desired);
             self.actuator.scale(&t.target, d.desired, &v.slots);
         }
+        !known || d.desired != before
     }
 }
