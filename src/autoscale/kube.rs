@@ -27,7 +27,7 @@ use kube::{
     api::{ListParams, Patch, PatchParams},
 };
 use tokio::{
-    sync::{mpsc, watch},
+    sync::{Semaphore, mpsc, watch},
     time::{Instant, sleep},
 };
 
@@ -45,6 +45,9 @@ const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// How long withdrawn pods get to finish their requests before the count is lowered.
 const DRAIN_MAX: Duration = Duration::from_secs(300);
+/// API calls of all workers at once: thousands of Deployments read at start must not
+/// open thousands of connections to the API server (each holding its buffers after).
+const CALLS_AT_ONCE: usize = 8;
 
 /// What a worker is asked: a count, and the version's slots to pick pods from.
 type Want = Option<(u32, Arc<VersionSlots>)>;
@@ -64,6 +67,8 @@ pub struct KubeScaler {
     /// Kubernetes Events on the Deployments it scales.
     recorder: Recorder,
     workers: Mutex<HashMap<Target, Worker>>,
+    /// Permits for API calls, shared by the workers.
+    calls: Arc<Semaphore>,
 }
 
 impl KubeScaler {
@@ -73,6 +78,7 @@ impl KubeScaler {
             events,
             recorder,
             workers: Mutex::new(HashMap::new()),
+            calls: Arc::new(Semaphore::new(CALLS_AT_ONCE)),
         }
     }
 
@@ -95,6 +101,7 @@ impl KubeScaler {
                 client: self.client.clone(),
                 events: self.events.clone(),
                 recorder: self.recorder.clone(),
+                calls: self.calls.clone(),
                 namespace: namespace.clone(),
                 name: name.clone(),
                 version: (endpoint.clone(), version.clone()),
@@ -126,6 +133,7 @@ struct Run {
     client: Client,
     events: mpsc::UnboundedSender<Event>,
     recorder: Recorder,
+    calls: Arc<Semaphore>,
     namespace: String,
     name: String,
     /// The version whose pods these are: `(endpoint, version)`.
@@ -140,9 +148,7 @@ impl Run {
         let deployments: Api<Deployment> = Api::namespaced(self.client.clone(), &self.namespace);
         let mut backoff = Backoff::default();
         let mut applied = loop {
-            // The calls are boxed: a worker idles between counts, and thousands of idle
-            // workers should not each hold room for the largest call.
-            match Box::pin(deployments.get_scale(&self.name)).await {
+            match self.call(deployments.get_scale(&self.name)).await {
                 Ok(scale) => {
                     self.succeeded();
                     let n = scale.spec.and_then(|s| s.replicas).unwrap_or(0);
@@ -185,7 +191,8 @@ impl Run {
             }
             let patch = serde_json::json!({"spec": {"replicas": replicas}});
             let params = PatchParams::default();
-            match Box::pin(deployments.patch_scale(&self.name, &params, &Patch::Merge(&patch)))
+            match self
+                .call(deployments.patch_scale(&self.name, &params, &Patch::Merge(&patch)))
                 .await
             {
                 Ok(_) => {
@@ -255,7 +262,7 @@ impl Run {
         });
         for addr in addrs {
             let by_ip = ListParams::default().fields(&format!("status.podIP={}", addr.ip()));
-            let names = match pods.list(&by_ip).await {
+            let names = match self.call(pods.list(&by_ip)).await {
                 Ok(list) => list.items.into_iter().filter_map(|p| p.metadata.name),
                 Err(e) => {
                     self.failed("find the pod of", &e);
@@ -263,10 +270,8 @@ impl Run {
                 }
             };
             for name in names.collect::<Vec<_>>() {
-                if let Err(e) = pods
-                    .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await
-                {
+                let (params, patch) = (PatchParams::default(), Patch::Merge(&patch));
+                if let Err(e) = self.call(pods.patch(&name, &params, &patch)).await {
                     self.failed("mark for removal a pod of", &e);
                 }
             }
@@ -279,6 +284,17 @@ impl Run {
             version: self.version.clone(),
             addrs: addrs.into_iter().collect::<HashSet<_>>(),
         });
+    }
+
+    /// Makes one API call, within the shared limit. Boxed: a worker idles between counts,
+    /// and thousands of idle workers should not each hold room for the largest call.
+    async fn call<T>(&self, call: impl Future<Output = kube::Result<T>>) -> kube::Result<T> {
+        let _permit = self
+            .calls
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        Box::pin(call).await
     }
 
     /// Logs a failed call with what to do about it: at length the first time, briefly
@@ -330,7 +346,7 @@ impl Run {
     async fn warn_if_hpa(&self) {
         let hpas: Api<HorizontalPodAutoscaler> =
             Api::namespaced(self.client.clone(), &self.namespace);
-        let Ok(list) = hpas.list(&ListParams::default()).await else {
+        let Ok(list) = self.call(hpas.list(&ListParams::default())).await else {
             return; // not allowed to look, or not there: nothing to warn about
         };
         for hpa in list.items {

@@ -35,7 +35,7 @@ use std::{
 };
 
 use anyhow::Context;
-use futures::{StreamExt, stream::BoxStream};
+use futures::{Stream, StreamExt, stream::BoxStream};
 use k8s_openapi::{
     api::{
         core::v1::{ObjectReference, Secret},
@@ -978,15 +978,13 @@ fn slice_pods(slice: &EndpointSlice) -> SlicePods {
     SlicePods { ports, addresses }
 }
 
+/// The watch of `kind` in `namespace` (`None`: every namespace), backing off on errors,
+/// each item tagged with its scope.
 fn watch_stream(
     client: &Client,
     kind: Kind,
     namespace: Option<String>,
 ) -> BoxStream<'static, Update> {
-    let scope = Scope {
-        kind,
-        namespace: namespace.clone(),
-    };
     fn api<K>(client: &Client, ns: &Option<String>) -> Api<K>
     where
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
@@ -996,7 +994,19 @@ fn watch_stream(
             None => Api::all(client.clone()),
         }
     }
-    let tag = move |scope: Scope| move |r| (scope.clone(), r);
+    fn tagged<K: Clone + std::fmt::Debug + Send + 'static>(
+        stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+        change: fn(watcher::Event<K>) -> Change,
+        scope: Scope,
+    ) -> BoxStream<'static, Update> {
+        (stream.default_backoff())
+            .map(move |r| (scope.clone(), r.map(change)))
+            .boxed()
+    }
+    let scope = Scope {
+        kind,
+        namespace: namespace.clone(),
+    };
     match kind {
         Kind::Endpoints => {
             let ar = ApiResource::erase::<ScoringEndpoint>(&());
@@ -1004,30 +1014,18 @@ fn watch_stream(
                 Some(ns) => Api::<DynamicObject>::namespaced_with(client.clone(), ns, &ar),
                 None => Api::all_with(client.clone(), &ar),
             };
-            let stream = watcher(api, watcher::Config::default());
-            stream
-                .default_backoff()
-                .map(move |r| r.map(Change::Endpoint))
-                .map(tag(scope))
-                .boxed()
+            let config = watcher::Config::default();
+            tagged(watcher(api, config), Change::Endpoint, scope)
         }
         Kind::Slices => {
             let config = watcher::Config::default().labels(SERVICE_LABEL);
-            let stream = watcher(api::<EndpointSlice>(client, &namespace), config);
-            stream
-                .default_backoff()
-                .map(move |r| r.map(Change::Slice))
-                .map(tag(scope))
-                .boxed()
+            let api = api::<EndpointSlice>(client, &namespace);
+            tagged(watcher(api, config), Change::Slice, scope)
         }
         Kind::Secrets => {
             let config = watcher::Config::default().labels(KEYS_LABEL);
-            let stream = watcher(api::<Secret>(client, &namespace), config);
-            stream
-                .default_backoff()
-                .map(move |r| r.map(Change::Secret))
-                .map(tag(scope))
-                .boxed()
+            let api = api::<Secret>(client, &namespace);
+            tagged(watcher(api, config), Change::Secret, scope)
         }
     }
 }
