@@ -1303,16 +1303,7 @@ fn list(st: &mut Store, target: &Target, req: &RecordedRequest) -> Answer {
             item
         })
         .collect();
-    let r = target.resource();
-    Ok(json_response(
-        200,
-        &json!({
-            "apiVersion": r.api_version(),
-            "kind": format!("{}List", r.kind),
-            "metadata": metadata,
-            "items": items,
-        }),
-    ))
+    Ok(list_response(target, metadata, items))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1645,6 +1636,20 @@ fn patch(st: &mut Store, target: &Target, req: &RecordedRequest, status: bool) -
     Ok(json_response(code, &st.write(target.res, new)))
 }
 
+/// A `{Kind}List` of `items` with list `metadata`.
+fn list_response(target: &Target, metadata: Value, items: Vec<Value>) -> Response<TestBody> {
+    let r = target.resource();
+    json_response(
+        200,
+        &json!({
+            "apiVersion": r.api_version(),
+            "kind": format!("{}List", r.kind),
+            "metadata": metadata,
+            "items": items,
+        }),
+    )
+}
+
 fn delete_collection(st: &mut Store, target: &Target, req: &RecordedRequest) -> Answer {
     let filter = Filter::new(target, req)?;
     let keys: Vec<Key> = st
@@ -1654,15 +1659,10 @@ fn delete_collection(st: &mut Store, target: &Target, req: &RecordedRequest) -> 
         .map(|(key, _)| key.clone())
         .collect();
     let items: Vec<Value> = keys.iter().filter_map(|key| st.remove(key)).collect();
-    let r = target.resource();
-    Ok(json_response(
-        200,
-        &json!({
-            "apiVersion": r.api_version(),
-            "kind": format!("{}List", r.kind),
-            "metadata": {"resourceVersion": st.rv.to_string()},
-            "items": items,
-        }),
+    Ok(list_response(
+        target,
+        json!({"resourceVersion": st.rv.to_string()}),
+        items,
     ))
 }
 
