@@ -1282,3 +1282,46 @@ async fn replicas_start_however_the_config_path_is_written() {
         assert_eq!(status.code(), Some(0), "{how}: {}", served.log());
     }
 }
+
+#[tokio::test]
+async fn a_replica_that_exits_takes_its_workers_with_it() {
+    let _signals = SIGNALS.read().await;
+    // A replica whose main process has a worker in its process group, as gunicorn's do.
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("worker.pid");
+    let command = format!(
+        "sh -c \"sleep 600 & echo \\$! > {}; exec python3 {} --port {{port}}\"",
+        pidfile.display(),
+        sample_model()
+    );
+    let endpoints = endpoint(
+        "fraud",
+        &format!("[{{name: blue, command: '{command}', replicaCount: 1}}]"),
+    );
+    let router = Router::start(&endpoints).await;
+    let url = router.url("/api/v1/service/fraud/score");
+    let main = *pids_answering(&url, 1).await.iter().next().unwrap();
+    let worker: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(proc_exists(worker));
+    std::fs::remove_file(&pidfile).unwrap();
+
+    // SAFETY: kill(2) on a replica process this router started.
+    assert_eq!(unsafe { libc::kill(main, libc::SIGKILL) }, 0);
+    eventually(
+        "the worker of the exited replica to be gone",
+        Patience::LONG,
+        || async { proc_dead(worker).then_some(()) },
+    )
+    .await;
+    // The restarted replica serves, with a worker of its own.
+    eventually("a restarted replica to answer", Patience::LONG, || async {
+        let (parts, _) = score(&url, KEY, &[], r#"{"n": 1}"#).await;
+        (parts.status == 200 && pidfile.exists()).then_some(())
+    })
+    .await;
+    router.shutdown().await;
+}

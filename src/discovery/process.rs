@@ -4,9 +4,12 @@
 //! Each replica is one task that owns one child process at a time. A child runs
 //! `sh -c "exec <command>"` with `{port}` replaced by a free loopback port, in its own
 //! process group, with `PR_SET_PDEATHSIG` so that it dies with scorefront even if
-//! scorefront is killed outright: there are no orphans. A replica is ready when `GET /`
-//! answers 200 within the probe timeout (a port that only accepts TCP is not ready); three
-//! failed probes in a row make it unready; an exit restarts it with exponential backoff.
+//! scorefront is killed outright. (Processes the child starts itself, such as a
+//! gunicorn-style server's workers, are killed with its group when it exits or is
+//! stopped, but not yet when scorefront itself is killed outright.) A replica is ready
+//! when `GET /` answers 200 within the probe timeout (a port that only accepts TCP is not
+//! ready); three failed probes in a row make it unready; an exit restarts it with
+//! exponential backoff.
 //! Stopping a replica withdraws it from routing, waits for its requests to finish, then
 //! sends SIGTERM to its group and SIGKILL after a grace period.
 //!
@@ -467,6 +470,8 @@ impl ReplicaRun {
         stop: &mut watch::Receiver<bool>,
     ) -> Ended {
         let mut health = Health::default();
+        // The group the child leads (it was started as a group of its own).
+        let group = child.id();
         let ended = loop {
             tokio::select! {
                 status = child.wait() => break Ended::Exited(status),
@@ -490,6 +495,12 @@ impl ReplicaRun {
         };
         if health.ready {
             self.report(replica, false);
+        }
+        if let (Ended::Exited(_), Some(group)) = (&ended, group) {
+            // Workers the main process started (a gunicorn-style server's) would outlive
+            // it and hold the port or memory across restarts: the group goes with it.
+            // SAFETY: kill(2) with a negative pid signals the group the child led.
+            unsafe { libc::kill(-(group as i32), libc::SIGKILL) };
         }
         if let Ended::Stopped = ended {
             let deadline = Instant::now() + self.drain;
