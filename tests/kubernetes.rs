@@ -72,6 +72,16 @@ impl Pods {
         }
     }
 
+    /// `blue` pods on subnet `subnet` and `green` ones on the next, with slices of
+    /// Services `blue` (its first two pods ready) and `green` (its first pod ready).
+    async fn blue_green(api: &KubeApi, subnet: u8, blue: usize, green: usize) -> (Pods, Pods) {
+        let blue = Pods::start("blue", subnet, blue).await;
+        let green = Pods::start("green", subnet + 1, green).await;
+        api.apply(blue.slice(NS, "blue-1", "blue", &[(0, Pod::Ready), (1, Pod::Ready)]));
+        api.apply(green.slice(NS, "green-1", "green", &[(0, Pod::Ready)]));
+        (blue, green)
+    }
+
     fn addr(&self, i: usize) -> SocketAddr {
         self.models[i].addr
     }
@@ -112,6 +122,20 @@ fn version(name: &str, service: &str, percent: u32, default: bool) -> Value {
         "trafficPercentile": percent,
         "isDefault": default,
     })
+}
+
+/// `blue` and `green` on their Services, splitting `blue`/`green` percent; the default is
+/// the version at 100, else `blue`.
+fn blue_green(blue: u32, green: u32) -> [Value; 2] {
+    [
+        version("blue", "blue", blue, green != 100),
+        version("green", "green", green, green == 100),
+    ]
+}
+
+/// Endpoint `fraud` with key auth from `fraud-keys`, split as [`blue_green`] says.
+fn fraud(blue: u32, green: u32) -> Value {
+    scoring_endpoint(NS, "fraud", keyed("fraud-keys", &blue_green(blue, green)))
 }
 
 /// A spec with key auth from the Secret `keys`.
@@ -418,16 +442,9 @@ impl Load {
 #[tokio::test]
 async fn endpoints_appear_change_and_disappear() {
     let api = KubeApi::start().await;
-    let blue = Pods::start("blue", 1, 2).await;
-    let green = Pods::start("green", 2, 1).await;
+    let (blue, green) = Pods::blue_green(&api, 1, 2, 1).await;
     api.apply(keys(NS, "fraud-keys", KEY, KEY2));
-    api.apply(blue.slice(NS, "blue-1", "blue", &[(0, Pod::Ready), (1, Pod::Ready)]));
-    api.apply(green.slice(NS, "green-1", "green", &[(0, Pod::Ready)]));
-    let split = [
-        version("blue", "blue", 90, true),
-        version("green", "green", 10, false),
-    ];
-    api.apply(scoring_endpoint(NS, "fraud", keyed("fraud-keys", &split)));
+    api.apply(fraud(90, 10));
     let router = start_router(&api, &[NS]).await;
 
     // It appears, with its keys from the Secret.
@@ -471,11 +488,7 @@ async fn endpoints_appear_change_and_disappear() {
     // from the new split (all green), none from the old one.
     let mut generation = router.app().generation.clone();
     let before = *generation.borrow_and_update();
-    let split = [
-        version("blue", "blue", 0, false),
-        version("green", "green", 100, true),
-    ];
-    api.apply(scoring_endpoint(NS, "fraud", keyed("fraud-keys", &split)));
+    api.apply(fraud(0, 100));
     tokio::time::timeout(LONG.within, generation.wait_for(|g| *g > before))
         .await
         .expect("the new split is published")
@@ -706,16 +719,9 @@ async fn pods_come_and_go_under_load_without_a_failed_request() {
 #[tokio::test]
 async fn an_api_server_outage_keeps_traffic_flowing_and_converges_after() {
     let api = KubeApi::start().await;
-    let blue = Pods::start("blue", 4, 3).await;
-    let green = Pods::start("green", 5, 2).await;
+    let (blue, green) = Pods::blue_green(&api, 4, 3, 2).await;
     api.apply(keys(NS, "fraud-keys", KEY, KEY2));
-    api.apply(blue.slice(NS, "blue-1", "blue", &[(0, Pod::Ready), (1, Pod::Ready)]));
-    api.apply(green.slice(NS, "green-1", "green", &[(0, Pod::Ready)]));
-    let split = [
-        version("blue", "blue", 100, true),
-        version("green", "green", 0, false),
-    ];
-    api.apply(scoring_endpoint(NS, "fraud", keyed("fraud-keys", &split)));
+    api.apply(fraud(100, 0));
     api.apply(scoring_endpoint(
         NS,
         "stale",
@@ -734,11 +740,7 @@ async fn an_api_server_outage_keeps_traffic_flowing_and_converges_after() {
     // another comes, the keys rotate (the old primary stays as the secondary), and the
     // server's history is compacted past what the router has seen.
     api.stop().await;
-    let split = [
-        version("blue", "blue", 0, false),
-        version("green", "green", 100, true),
-    ];
-    api.apply(scoring_endpoint(NS, "fraud", keyed("fraud-keys", &split)));
+    api.apply(fraud(0, 100));
     api.apply(blue.slice(NS, "blue-1", "blue", &[(1, Pod::Ready), (2, Pod::Ready)]));
     api.apply(green.slice(NS, "green-1", "green", &[(0, Pod::Ready), (1, Pod::Ready)]));
     api.delete("scoringendpoints", NS, "stale");
@@ -1141,15 +1143,8 @@ async fn a_refused_object_is_logged_once_not_at_every_change() {
 #[tokio::test]
 async fn status_reports_what_is_served_and_is_written_only_when_it_changes() {
     let api = KubeApi::start().await;
-    let blue = Pods::start("blue", 11, 2).await;
-    let green = Pods::start("green", 12, 1).await;
-    api.apply(blue.slice(NS, "blue-1", "blue", &[(0, Pod::Ready), (1, Pod::Ready)]));
-    api.apply(green.slice(NS, "green-1", "green", &[(0, Pod::Ready)]));
-    let split = [
-        version("blue", "blue", 90, true),
-        version("green", "green", 10, false),
-    ];
-    api.apply(scoring_endpoint(NS, "fraud", open(&split)));
+    let (blue, _green) = Pods::blue_green(&api, 11, 2, 1).await;
+    api.apply(scoring_endpoint(NS, "fraud", open(&blue_green(90, 10))));
     let router = start_router(&api, &[NS]).await;
 
     let want = |blue: u32, green: u32| {
