@@ -36,9 +36,12 @@ fn pod(name: &str, ip: &str) -> serde_json::Value {
     })
 }
 
-/// The cluster: a Deployment `blue` at `replicas`, its two pods behind Service `blue`,
-/// the key Secret and a ScoringEndpoint `fraud` autoscaling `blue` with `autoscale`.
-fn cluster(api: &KubeApi, port: u16, replicas: i32, autoscale: serde_json::Value) {
+/// The cluster: a Deployment `blue` at `replicas`, its two pods (returned) behind Service
+/// `blue`, the key Secret and a ScoringEndpoint `fraud` autoscaling `blue` with
+/// `autoscale`.
+async fn cluster(api: &KubeApi, replicas: i32, autoscale: serde_json::Value) -> (Model, Model) {
+    let (a, b) = pods().await;
+    let port = a.addr.port();
     api.apply(deployment(NS, "blue", replicas));
     api.apply(pod("blue-a", "127.0.0.2"));
     api.apply(pod("blue-b", "127.0.0.3"));
@@ -67,6 +70,7 @@ fn cluster(api: &KubeApi, port: u16, replicas: i32, autoscale: serde_json::Value
              "maxPendingRequests": 20, "autoscale": autoscale}
         ]}),
     ));
+    (a, b)
 }
 
 async fn router(api: &KubeApi) -> Router {
@@ -112,13 +116,7 @@ async fn desired(router: &Router) -> Option<f64> {
 #[tokio::test]
 async fn scaling_down_withdraws_marks_and_patches_the_deployment_once() {
     let api = KubeApi::start().await;
-    let (a, b) = pods().await;
-    cluster(
-        &api,
-        a.addr.port(),
-        2,
-        json!({"minReplicas": 1, "maxReplicas": 5, "targetUtilization": 100, "scaleDownDelaySeconds": 1}),
-    );
+    let (a, b) = cluster(&api, 2, json!({"minReplicas": 1, "maxReplicas": 5, "targetUtilization": 100, "scaleDownDelaySeconds": 1})).await;
     let router = router(&api).await;
     // No demand: after the delay the count goes from the 2 in force down to 1.
     eventually("one scale PATCH", Patience::LONG, || async {
@@ -216,14 +214,8 @@ async fn scaling_down_withdraws_marks_and_patches_the_deployment_once() {
 #[tokio::test]
 async fn the_count_in_force_is_read_back_and_errors_are_retried() {
     let api = KubeApi::start().await;
-    let (a, _b) = pods().await;
     // A Deployment already scaled to 4 by an earlier router; scaling down waits 60 s.
-    cluster(
-        &api,
-        a.addr.port(),
-        4,
-        json!({"minReplicas": 1, "maxReplicas": 5}),
-    );
+    let (_a, _b) = cluster(&api, 4, json!({"minReplicas": 1, "maxReplicas": 5})).await;
     api.deny("patch", "deployments/scale", None);
     let router = router(&api).await;
     eventually(
@@ -268,13 +260,7 @@ async fn the_count_in_force_is_read_back_and_errors_are_retried() {
 #[tokio::test]
 async fn a_missing_deployment_is_retried_until_it_exists() {
     let api = KubeApi::start().await;
-    let (a, _b) = pods().await;
-    cluster(
-        &api,
-        a.addr.port(),
-        2,
-        json!({"minReplicas": 1, "maxReplicas": 5}),
-    );
+    let (_a, _b) = cluster(&api, 2, json!({"minReplicas": 1, "maxReplicas": 5})).await;
     api.delete("deployments", NS, "blue");
     let router = router(&api).await;
     let url = router.url("/api/v1/endpoint/fraud/score");
