@@ -172,7 +172,7 @@ impl Proxy {
         }
 
         let slot = version.slots.acquire(version.spec.max_wait).await?;
-        let acquired = Instant::now();
+        let acquired = slot.taken_at();
         record.queue_wait = Some(acquired - record.start);
 
         let body = body

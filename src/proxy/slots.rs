@@ -389,6 +389,11 @@ impl Slot {
         self.replica.as_ref().expect("slot already released")
     }
 
+    /// When the request got it: the end of its wait for a slot.
+    pub fn taken_at(&self) -> Instant {
+        self.taken
+    }
+
     /// Releases the counts without offering the slot to anyone.
     fn forget_and_free(mut self) {
         if let Some(r) = self.replica.take() {
