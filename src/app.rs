@@ -42,6 +42,18 @@ pub struct Listeners {
     pub admin: TcpListener,
 }
 
+/// The cluster endpoints come from, in Kubernetes mode.
+struct Cluster {
+    client: kube::Client,
+    namespaces: Vec<String>,
+    /// Token issuers the router config configures, for validating endpoints.
+    issuers: Vec<String>,
+    /// Where the source and the Deployment scaler send events for the index.
+    events: mpsc::UnboundedSender<Event>,
+    /// Kubernetes Events, shared by the source and the scaler.
+    recorder: kubernetes::Recorder,
+}
+
 /// A running router. Dropping it without [`App::shutdown`] leaves its tasks running.
 pub struct App {
     pub proxy: Arc<Proxy>,
@@ -102,12 +114,16 @@ pub async fn start(config_path: &Path, listeners: Listeners) -> anyhow::Result<A
     let ready = Arc::new(Readiness::new(config.readiness.require_ready_replicas));
     let (events, events_rx) = mpsc::unbounded_channel();
     let kube = match &config.endpoints.kubernetes {
-        Some(k) => Some((
-            kubernetes::client(k).await?,
-            k.namespaces.clone(),
-            crate::discovery::known_issuers(&config.auth),
-            events.clone(),
-        )),
+        Some(k) => {
+            let client = kubernetes::client(k).await?;
+            Some(Cluster {
+                recorder: kubernetes::Recorder::new(client.clone()),
+                client,
+                namespaces: k.namespaces.clone(),
+                issuers: crate::discovery::known_issuers(&config.auth),
+                events: events.clone(),
+            })
+        }
         None => None,
     };
 
@@ -125,10 +141,10 @@ pub async fn start(config_path: &Path, listeners: Listeners) -> anyhow::Result<A
             None
         }
         (_, dry_run) => {
-            let cluster = kube.as_ref().map(|(client, ..)| {
-                let recorder = kubernetes::Recorder::new(client.clone());
-                Box::new(KubeScaler::new(client.clone(), events.clone(), recorder))
-                    as Box<dyn Actuator>
+            let cluster = kube.as_ref().map(|c| {
+                let scaler =
+                    KubeScaler::new(c.client.clone(), c.events.clone(), c.recorder.clone());
+                Box::new(scaler) as Box<dyn Actuator>
             });
             let actuators = Actuators {
                 local: scale,
@@ -162,8 +178,13 @@ pub async fn start(config_path: &Path, listeners: Listeners) -> anyhow::Result<A
     let mut others = proxy.tokens().spawn_refresh(&stop_rx).await;
     match kube {
         None => ready.set_synced(),
-        Some((client, namespaces, issuers, events)) => {
-            let recorder = kubernetes::Recorder::new(client.clone());
+        Some(Cluster {
+            client,
+            namespaces,
+            issuers,
+            events,
+            recorder,
+        }) => {
             let (source, handles) =
                 kubernetes::Source::new(events, proxy.metrics().clone(), issuers, recorder);
             others.push(tokio::spawn(source.run(

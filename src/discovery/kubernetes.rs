@@ -1052,6 +1052,7 @@ pub async fn write_status(
             () = crate::until_true(&mut stop) => return,
         }
         let objects = observed.borrow().clone();
+        let desired = desired.borrow().clone();
         let table = proxy.table();
         let present: HashSet<(&str, &str)> = (objects.iter())
             .map(|o| (o.namespace.as_str(), o.name.as_str()))
@@ -1064,7 +1065,6 @@ pub async fn write_status(
                 .map(|(_, status)| status)
                 .or(obj.status.as_ref());
             let route = obj.served.then(|| table.endpoint(&obj.name)).flatten();
-            let desired = desired.borrow().clone();
             let versions: Vec<Served> = route
                 .map(|r| {
                     let total: u32 = r.versions().iter().map(|v| v.spec.traffic_percentile).sum();
