@@ -171,3 +171,35 @@ async fn dev_test_clusters_do_not_autoscale() {
     );
     router.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_decides_and_exports_but_changes_nothing() {
+    let endpoints = endpoint(
+        "slow",
+        &format!(
+            "[{{name: blue, command: 'python3 {} --port {{port}} --delay-ms 300', \
+             maxRequestWaitTimeMs: 20000, maxPendingRequests: 100, \
+             autoscale: {{minReplicas: 1, maxReplicas: 4, targetUtilization: 100}}}}]",
+            sample_model()
+        ),
+    );
+    let router = Router::start_with(&router_config("autoscaler: {dryRun: true}"), &endpoints).await;
+    eventually("the first replica to be ready", Patience::LONG, || async {
+        (ready(&router).await == 1.0).then_some(())
+    })
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let url = router.url("/api/v1/service/slow/score");
+    let clients = load(url, 3, stop.clone(), failures.clone());
+    eventually("three replicas to be asked for", Patience::LONG, || async {
+        (gauge(&router, "scorefront_desired_replicas", &[]).await == 3.0).then_some(())
+    })
+    .await;
+    assert_eq!(ready(&router).await, 1.0, "nothing was started");
+    stop.store(true, SeqCst);
+    let pids = clients.await.unwrap();
+    assert_eq!(pids.len(), 1, "one process served: {pids:?}");
+    assert_eq!(failures.load(SeqCst), 0);
+    router.shutdown().await;
+}
