@@ -540,4 +540,26 @@ mod tests {
         .unwrap_err();
         assert!(format!("{err}").contains("namespaces[0]"), "{err}");
     }
+
+    #[test]
+    fn outlier_detection_defaults_and_bounds() {
+        let parse = |extra: &str| {
+            RouterConfig::parse(
+                &format!("endpoints: {{file: x}}\n{extra}"),
+                Path::new("r.yaml"),
+            )
+        };
+        let d = parse("").unwrap().upstream.outlier_detection;
+        assert_eq!(d.consecutive_failures, 5);
+        assert_eq!(d.ejection_time(1), Duration::from_secs(30));
+        assert_eq!(d.ejection_time(3), Duration::from_secs(90));
+        assert_eq!(d.ejection_time(11), Duration::from_secs(300), "capped");
+        let err = parse("upstream: {outlierDetection: {baseEjectionTimeMs: 0}}").unwrap_err();
+        assert!(format!("{err:#}").contains("baseEjectionTimeMs must be at least 1"));
+        let err = parse("upstream: {outlierDetection: {baseEjectionTimeMs: 400000}}").unwrap_err();
+        assert!(
+            format!("{err:#}").contains("maxEjectionTimeMs must be at least baseEjectionTimeMs"),
+            "{err:#}"
+        );
+    }
 }
