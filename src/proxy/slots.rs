@@ -241,7 +241,8 @@ impl VersionSlots {
                 Some((r & !0xffff_ffff) | u64::from((r as u32).saturating_add(1)))
             })
             .expect("the update always applies");
-        let (nth, failures) = ((record >> 32) as u32 + 1, record as u32 + 1);
+        let nth = ((record >> 32) as u32).saturating_add(1);
+        let failures = (record as u32).saturating_add(1);
         // Back from an ejection without a success since: on probation.
         let on_probation = nth > 1;
         if failures < threshold && !on_probation {
