@@ -41,6 +41,10 @@
 //! upstream:
 //!   connectTimeoutMs: 3000    # then the request is retried on another replica, or 502
 //!   idleTimeoutMs: 1000       # pooled replica connections idle longer are not reused
+//!   outlierDetection:         # replicas failing in transport are ejected for a while
+//!     consecutiveFailures: 5  # 0: never eject
+//!     baseEjectionTimeMs: 30000   # times the replica's ejections in a row
+//!     maxEjectionTimeMs: 300000
 //! ```
 
 use std::{
@@ -200,6 +204,8 @@ pub struct UpstreamConfig {
     /// commonly close idle connections after 2 to 5 s). Default 1000.
     #[serde(default = "default_idle_ms")]
     pub idle_timeout_ms: u64,
+    #[serde(default)]
+    pub outlier_detection: OutlierDetection,
 }
 
 impl Default for UpstreamConfig {
@@ -207,7 +213,47 @@ impl Default for UpstreamConfig {
         UpstreamConfig {
             connect_timeout_ms: default_connect_ms(),
             idle_timeout_ms: default_idle_ms(),
+            outlier_detection: OutlierDetection::default(),
         }
+    }
+}
+
+/// Passive outlier detection, as Envoy's `consecutive_gateway_failure`: a replica whose
+/// attempts fail in transport (no connection, or the connection lost before a response
+/// head) that many times in a row gets no new requests for a while. A response of the
+/// model's own, whatever its status, is a success.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutlierDetection {
+    /// Failures in a row that eject a replica; 0 turns ejection off. Default 5.
+    #[serde(default = "default_consecutive_failures")]
+    pub consecutive_failures: u32,
+    /// A replica's n-th ejection in a row (no success in between) lasts n times this.
+    /// Default 30000.
+    #[serde(default = "default_base_ejection_ms")]
+    pub base_ejection_time_ms: u64,
+    /// No ejection lasts longer. Default 300000.
+    #[serde(default = "default_max_ejection_ms")]
+    pub max_ejection_time_ms: u64,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        OutlierDetection {
+            consecutive_failures: default_consecutive_failures(),
+            base_ejection_time_ms: default_base_ejection_ms(),
+            max_ejection_time_ms: default_max_ejection_ms(),
+        }
+    }
+}
+
+impl OutlierDetection {
+    /// How long the `nth` ejection in a row lasts (`nth` from 1).
+    pub fn ejection_time(&self, nth: u32) -> Duration {
+        let ms = (self.base_ejection_time_ms)
+            .saturating_mul(u64::from(nth))
+            .min(self.max_ejection_time_ms);
+        Duration::from_millis(ms)
     }
 }
 
@@ -304,6 +350,15 @@ fn default_connect_ms() -> u64 {
 fn default_idle_ms() -> u64 {
     1000
 }
+fn default_consecutive_failures() -> u32 {
+    5
+}
+fn default_base_ejection_ms() -> u64 {
+    30_000
+}
+fn default_max_ejection_ms() -> u64 {
+    300_000
+}
 
 impl RouterConfig {
     /// Reads and checks the router config; the endpoints path comes back absolute.
@@ -319,10 +374,23 @@ impl RouterConfig {
         for (field, value) in [
             ("reloadIntervalMs", cfg.reload_interval_ms),
             ("upstream.connectTimeoutMs", cfg.upstream.connect_timeout_ms),
+            (
+                "upstream.outlierDetection.baseEjectionTimeMs",
+                cfg.upstream.outlier_detection.base_ejection_time_ms,
+            ),
         ] {
             if value == 0 {
                 anyhow::bail!("{}: {field} must be at least 1", path.display());
             }
+        }
+        let outliers = &cfg.upstream.outlier_detection;
+        if outliers.max_ejection_time_ms < outliers.base_ejection_time_ms {
+            anyhow::bail!(
+                "{}: upstream.outlierDetection.maxEjectionTimeMs must be at least \
+                 baseEjectionTimeMs ({})",
+                path.display(),
+                outliers.base_ejection_time_ms
+            );
         }
         let file = path.display();
         if cfg.listen.http.is_none() && cfg.listen.https.is_none() {
@@ -471,5 +539,27 @@ mod tests {
         )
         .unwrap_err();
         assert!(format!("{err}").contains("namespaces[0]"), "{err}");
+    }
+
+    #[test]
+    fn outlier_detection_defaults_and_bounds() {
+        let parse = |extra: &str| {
+            RouterConfig::parse(
+                &format!("endpoints: {{file: x}}\n{extra}"),
+                Path::new("r.yaml"),
+            )
+        };
+        let d = parse("").unwrap().upstream.outlier_detection;
+        assert_eq!(d.consecutive_failures, 5);
+        assert_eq!(d.ejection_time(1), Duration::from_secs(30));
+        assert_eq!(d.ejection_time(3), Duration::from_secs(90));
+        assert_eq!(d.ejection_time(11), Duration::from_secs(300), "capped");
+        let err = parse("upstream: {outlierDetection: {baseEjectionTimeMs: 0}}").unwrap_err();
+        assert!(format!("{err:#}").contains("baseEjectionTimeMs must be at least 1"));
+        let err = parse("upstream: {outlierDetection: {baseEjectionTimeMs: 400000}}").unwrap_err();
+        assert!(
+            format!("{err:#}").contains("maxEjectionTimeMs must be at least baseEjectionTimeMs"),
+            "{err:#}"
+        );
     }
 }

@@ -28,6 +28,8 @@ pub struct VersionGauges<'a> {
     pub ready: usize,
     /// Routable replicas with a request in flight.
     pub busy: usize,
+    /// Routable replicas ejected by outlier detection now.
+    pub ejected: usize,
 }
 
 /// Latency buckets in seconds: fine below a millisecond, up to the 300 s timeout ceiling.
@@ -55,6 +57,7 @@ pub struct Metrics {
     utilization: GaugeVec,
     desired_replicas: IntGaugeVec,
     scale_events: IntCounterVec,
+    outliers: OutlierMetrics,
     /// Serializes scrapes: each one resets and refills the gauges.
     scrape: Mutex<()>,
 }
@@ -74,6 +77,7 @@ pub struct VersionMetrics {
     request_duration: HistogramVec,
     queue_wait: HistogramVec,
     upstream_duration: HistogramVec,
+    ejections: IntCounterVec,
     endpoint: String,
     version: String,
 }
@@ -232,6 +236,7 @@ impl Metrics {
                 &["endpoint", "version", "direction"],
             )
             .expect("valid counter"),
+            outliers: OutlierMetrics::new(),
             scrape: Mutex::new(()),
         };
         for c in [
@@ -250,6 +255,8 @@ impl Metrics {
             Box::new(m.utilization.clone()),
             Box::new(m.desired_replicas.clone()),
             Box::new(m.scale_events.clone()),
+            Box::new(m.outliers.ejections.clone()),
+            Box::new(m.outliers.ejected.clone()),
         ] {
             m.registry.register(c).expect("metric names are unique");
         }
@@ -264,6 +271,7 @@ impl Metrics {
             request_duration: self.request_duration.clone(),
             queue_wait: self.queue_wait.clone(),
             upstream_duration: self.upstream_duration.clone(),
+            ejections: self.outliers.ejections.clone(),
             endpoint: endpoint.to_owned(),
             version: version.to_owned(),
         }
@@ -340,6 +348,7 @@ impl Metrics {
         remove_where(&self.utilization, ours);
         remove_where(&self.desired_replicas, ours);
         remove_where(&self.scale_events, ours);
+        remove_where(&self.outliers.ejections, ours);
         if version.is_none() {
             remove_where(&self.auth_failures, ours);
         }
@@ -364,6 +373,7 @@ impl Metrics {
         self.in_flight.reset();
         self.queued.reset();
         self.replicas.reset();
+        self.outliers.ejected.reset();
         for v in versions {
             let l = &[v.endpoint, v.version];
             self.in_flight.with_label_values(l).set(v.in_flight as i64);
@@ -373,12 +383,64 @@ impl Metrics {
                     .with_label_values(&[v.endpoint, v.version, state])
                     .set(n as i64);
             }
+            self.outliers
+                .ejected
+                .with_label_values(l)
+                .set(v.ejected as i64);
         }
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)
             .expect("text encoding to a Vec cannot fail");
         String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Outlier ejection
+
+/// The outlier detection families: ejections counted as they happen, ejected replicas
+/// read from the slot accounting at scrape time like the other gauges.
+struct OutlierMetrics {
+    ejections: IntCounterVec,
+    ejected: IntGaugeVec,
+}
+
+impl OutlierMetrics {
+    fn new() -> Self {
+        let ev = &["endpoint", "version"];
+        OutlierMetrics {
+            ejections: IntCounterVec::new(
+                Opts::new(
+                    "scorefront_replica_ejections_total",
+                    "Replicas ejected by outlier detection after transport failures in a row.",
+                ),
+                ev,
+            )
+            .expect("valid counter"),
+            ejected: IntGaugeVec::new(
+                Opts::new(
+                    "scorefront_ejected_replicas",
+                    "Routable replicas ejected by outlier detection now.",
+                ),
+                ev,
+            )
+            .expect("valid gauge"),
+        }
+    }
+}
+
+impl VersionMetrics {
+    /// The endpoint's name, for logs.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Counts an ejection of one of the version's replicas (rare: labels resolved here).
+    pub fn count_ejection(&self) {
+        self.ejections
+            .with_label_values(&[self.endpoint.as_str(), self.version.as_str()])
+            .inc();
     }
 }
 
@@ -429,6 +491,7 @@ mod tests {
             vm.count_request(http::StatusCode::OK);
             vm.count_request(http::StatusCode::IM_A_TEAPOT);
             vm.handles().request_duration.observe(0.1);
+            vm.count_ejection();
         }
         m.count_unrouted("fraud", "401");
         m.count_auth_failure("fraud", "invalid_key");

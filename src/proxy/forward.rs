@@ -4,9 +4,11 @@
 //! A request that was never written (connect failed, or a pooled connection turned out
 //! closed before hyper dispatched it) comes back whole as [`SendError::NotSent`], body
 //! untouched, so the caller may retry it; anything else is [`SendError::Failed`] and is not
-//! retried. Connections go back to the pool only after their response body has ended (see
-//! [`super::body`]) and only when the replica did not ask to close them; one idle longer
-//! than `idleTimeoutMs` is dropped instead of reused, since the replica may be closing it.
+//! retried; [`SendError::replica_fault`] says which failures count against the replica
+//! in outlier detection. Connections go back to the pool only after their response body
+//! has ended (see [`super::body`]) and only when the replica did not ask to close them; one
+//! idle longer than `idleTimeoutMs` is dropped instead of reused, since the replica may be
+//! closing it.
 
 use std::{collections::VecDeque, io, net::SocketAddr, sync::Mutex};
 
@@ -69,6 +71,21 @@ pub enum SendError {
     NotSent(Box<Request<RequestBody>>, String),
     /// The exchange started and failed; the request is gone.
     Failed(hyper::Error),
+}
+
+impl SendError {
+    /// Why the replica failed the attempt, or `None` when the fault was the client's (its
+    /// request body failed or went over the limit): what outlier detection counts. Every
+    /// `NotSent` is the replica's (no connection, or one closed before the request went
+    /// out), and so is a `Failed` exchange short of a response head (reset, closed, or an
+    /// answer that is not HTTP), which the client sees as the router's 502.
+    pub fn replica_fault(&self) -> Option<String> {
+        match self {
+            SendError::NotSent(_, reason) => Some(reason.clone()),
+            SendError::Failed(e) if e.is_user() => None,
+            SendError::Failed(e) => Some(e.to_string()),
+        }
+    }
 }
 
 async fn connect(addr: SocketAddr, timeout: std::time::Duration) -> io::Result<Conn> {

@@ -228,6 +228,7 @@ async fn forward(
             sent = forward::send(&replica.conns, replica.addr, req, settings) => sent,
             () = &mut deadline => return Err(timed_out().into()),
         };
+        version.observe(&replica, &sent, &settings.outlier_detection);
         match sent {
             Ok((resp, conn)) => {
                 let reusable = !headers::closes_connection(resp.headers());

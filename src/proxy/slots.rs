@@ -10,10 +10,21 @@
 //! - a freed slot goes to the oldest live waiter before any newcomer (newcomers only take
 //!   the lock-free fast path while nobody waits);
 //! - a replica removed from the routable set gets no new slot; its running requests
-//!   finish and release normally (drain).
+//!   finish and release normally (drain);
+//! - an ejected replica (see below) gets no new slot either, but at least one replica of
+//!   a version with replicas is never ejected.
+//!
+//! Passive outlier detection: the request path reports each attempt's transport outcome
+//! ([`Replica::succeeded`], [`VersionSlots::failed`]). A replica that fails
+//! `consecutiveFailures` times in a row is ejected for the base time times its ejections in
+//! a row, up to the maximum; then it returns on probation, where a single failure ejects
+//! it again (for longer) and a success clears its record. The state lives in the
+//! [`Replica`], so it survives table swaps like the in-flight count.
 //!
 //! The fast path takes no lock: a power-of-two-choices pick over the routable replicas
-//! with atomic counters. Only waiting takes the version's queue mutex.
+//! with atomic counters; the ejection check is one more atomic load per candidate (the
+//! clock is read only for a replica that is ejected). Only waiting takes the version's
+//! queue mutex, and only ejecting takes the ejection mutex.
 
 use std::{
     collections::VecDeque,
@@ -32,7 +43,7 @@ use arc_swap::ArcSwap;
 use tokio::{sync::oneshot, time::Instant};
 
 use super::forward::ConnPool;
-use crate::error::CapacityError;
+use crate::{config::OutlierDetection, error::CapacityError};
 
 /// One model replica as seen by one version.
 #[derive(Debug)]
@@ -41,6 +52,24 @@ pub struct Replica {
     in_flight: AtomicU32,
     /// Idle upstream connections to this replica.
     pub(crate) conns: ConnPool,
+    /// Transport failures in a row (low 32 bits) and ejections in a row (high 32 bits):
+    /// both end with a success, so a success reads one word and writes only when it
+    /// clears something.
+    record: AtomicU64,
+    /// Milliseconds after `born` at which the current ejection ends; 0 when not ejected.
+    ejected_until: AtomicU64,
+    /// The origin of `ejected_until`.
+    born: Instant,
+}
+
+/// An ejection just decided, for the log and the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ejection {
+    /// Failures in a row that led to it.
+    pub failures: u32,
+    /// The replica's ejections in a row, this one included.
+    pub nth: u32,
+    pub duration: Duration,
 }
 
 impl Replica {
@@ -49,11 +78,55 @@ impl Replica {
             addr,
             in_flight: AtomicU32::new(0),
             conns: ConnPool::default(),
+            record: AtomicU64::new(0),
+            ejected_until: AtomicU64::new(0),
+            born: Instant::now(),
         }
     }
 
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(SeqCst)
+    }
+
+    /// Notes an attempt that got a response head: the replica's failure record is cleared.
+    pub fn succeeded(&self) {
+        if self.record.load(Relaxed) != 0 {
+            self.record.store(0, Relaxed);
+        }
+    }
+
+    /// Whether the replica takes new requests: not ejected, or its ejection is over (the
+    /// first to see that logs the return).
+    fn available(&self) -> bool {
+        match self.ejected_until.load(Relaxed) {
+            0 => true,
+            until => self.ejection_over(until),
+        }
+    }
+
+    #[cold]
+    fn ejection_over(&self, until: u64) -> bool {
+        if self.clock_ms() < until {
+            return false;
+        }
+        if self
+            .ejected_until
+            .compare_exchange(until, 0, Relaxed, Relaxed)
+            .is_ok()
+        {
+            tracing::info!(replica = %self.addr, "replica ejection over; it takes requests again");
+        }
+        true
+    }
+
+    /// Milliseconds until the current ejection ends (0 when not ejected).
+    fn ejection_left_ms(&self) -> u64 {
+        (self.ejected_until.load(Relaxed)).saturating_sub(self.clock_ms())
+    }
+
+    /// Milliseconds since `born`.
+    fn clock_ms(&self) -> u64 {
+        u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Takes one of `limit` slots if one is free.
@@ -84,6 +157,9 @@ pub struct VersionSlots {
     /// Waiters in arrival order, each with the replica it must not get (a retry's).
     /// Entries whose receiver is gone are skipped and purged.
     queue: Mutex<VecDeque<Waiter>>,
+    /// Held to decide an ejection (or to end one because none is left available), so that
+    /// two replicas failing at once cannot both be ejected as each other's spare.
+    ejecting: Mutex<()>,
 }
 
 /// A queued request: where to send its slot, and the replica it must not get.
@@ -102,6 +178,7 @@ impl VersionSlots {
             queued: AtomicUsize::new(0),
             hold_us: AtomicU64::new(0),
             queue: Mutex::new(VecDeque::new()),
+            ejecting: Mutex::new(()),
         })
     }
 
@@ -113,8 +190,9 @@ impl VersionSlots {
     }
 
     /// Makes exactly these replicas routable. Where one has the address of a replica
-    /// that is already routable, the existing one stays (with its in-flight count and idle
-    /// connections).
+    /// that is already routable, the existing one stays (with its in-flight count, idle
+    /// connections and failure record). Should every one of them be ejected (the one left
+    /// out was removed), the ejection ending first ends now.
     pub fn set_replicas(self: &Arc<Self>, replicas: Vec<Arc<Replica>>) {
         let old = self.replicas.load();
         let next: Vec<Arc<Replica>> = replicas
@@ -128,7 +206,77 @@ impl VersionSlots {
             .collect();
         drop(old);
         self.replicas.store(Arc::new(next));
+        self.keep_one_available();
         self.dispatch();
+    }
+
+    /// Ends the ejection that would end first when no replica is available.
+    fn keep_one_available(&self) {
+        let _deciding = self.ejecting.lock().unwrap_or_else(|e| e.into_inner());
+        let replicas = self.replicas.load();
+        if replicas.iter().any(|r| r.available()) {
+            return;
+        }
+        if let Some(r) = replicas.iter().min_by_key(|r| r.ejection_left_ms()) {
+            r.ejected_until.store(0, Relaxed);
+            tracing::info!(
+                version = %self.name,
+                replica = %r.addr,
+                "replica ejection ended early: no other replica is left"
+            );
+        }
+    }
+
+    /// Notes an attempt at `replica` that failed in transport; returns the ejection it
+    /// leads to, if any. A replica already ejected (this was an attempt sent before) or
+    /// the version's last available one is not ejected.
+    pub fn failed(&self, replica: &Replica, settings: &OutlierDetection) -> Option<Ejection> {
+        let threshold = settings.consecutive_failures;
+        if threshold == 0 {
+            return None;
+        }
+        let record = replica
+            .record
+            .fetch_update(Relaxed, Relaxed, |r| {
+                Some((r & !0xffff_ffff) | u64::from((r as u32).saturating_add(1)))
+            })
+            .expect("the update always applies");
+        let nth = ((record >> 32) as u32).saturating_add(1);
+        let failures = (record as u32).saturating_add(1);
+        // Back from an ejection without a success since: on probation.
+        let on_probation = nth > 1;
+        if failures < threshold && !on_probation {
+            return None;
+        }
+        let _deciding = self.ejecting.lock().unwrap_or_else(|e| e.into_inner());
+        if !replica.available() || !self.others_available(replica) {
+            return None;
+        }
+        let duration = settings.ejection_time(nth);
+        let ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
+        replica.record.store(u64::from(nth) << 32, Relaxed);
+        // At least 1 ms, so never 0 ("not ejected").
+        let until = replica.clock_ms().saturating_add(ms.max(1));
+        replica.ejected_until.store(until, Relaxed);
+        Some(Ejection {
+            failures,
+            nth,
+            duration,
+        })
+    }
+
+    /// Whether a routable replica other than `replica` takes new requests.
+    fn others_available(&self, replica: &Replica) -> bool {
+        (self.replicas.load().iter()).any(|r| !std::ptr::eq(&**r, replica) && r.available())
+    }
+
+    /// Routable replicas that are ejected now.
+    pub fn ejected(&self) -> usize {
+        self.replicas
+            .load()
+            .iter()
+            .filter(|r| !r.available())
+            .count()
     }
 
     /// The routable replicas now.
@@ -188,15 +336,16 @@ impl VersionSlots {
     }
 
     /// Like [`acquire`](Self::acquire), but never on `avoid` while the version has
-    /// another replica (a retry must not go back to the replica that refused it).
+    /// another available replica (a retry must not go back to the replica that refused
+    /// it).
     pub async fn acquire_avoiding(
         self: &Arc<Self>,
         max_wait: Duration,
         avoid: Option<&Arc<Replica>>,
     ) -> Result<Slot, CapacityError> {
-        let avoid = avoid.filter(|_| self.replicas.load().len() > 1);
+        let avoid = avoid.filter(|a| self.others_available(a));
         if self.queued.load(SeqCst) == 0
-            && let Some(slot) = self.try_acquire_inner(avoid, avoid.is_none())
+            && let Some(slot) = self.try_acquire(avoid)
         {
             return Ok(slot);
         }
@@ -213,7 +362,7 @@ impl VersionSlots {
             self.queued.fetch_add(1, SeqCst);
             // A release may have happened since the fast path looked; having counted
             // ourselves first, either we see its room now or it sees us and dispatches.
-            if let Some(slot) = self.try_acquire_inner(avoid, avoid.is_none()) {
+            if let Some(slot) = self.try_acquire(avoid) {
                 self.queued.fetch_sub(1, SeqCst);
                 return Ok(slot);
             }
@@ -246,24 +395,16 @@ impl VersionSlots {
         }
     }
 
-    /// Takes a free slot now, without waiting; prefers a replica other than `avoid`.
+    /// Takes a free slot now, without waiting, on an available (not ejected) replica;
+    /// prefers a replica other than `avoid`.
     ///
     /// Power of two choices: of two random replicas, the less loaded; if both are full,
     /// the least loaded of all.
-    /// `avoid` itself only when it is the version's only replica.
+    /// `avoid` itself only when it is the version's only available replica.
     pub fn try_acquire(self: &Arc<Self>, avoid: Option<&Arc<Replica>>) -> Option<Slot> {
-        self.try_acquire_inner(avoid, self.replicas.load().len() < 2)
-    }
-
-    /// [`try_acquire`](Self::try_acquire); `avoid` itself only when `fallback`.
-    fn try_acquire_inner(
-        self: &Arc<Self>,
-        avoid: Option<&Arc<Replica>>,
-        fallback: bool,
-    ) -> Option<Slot> {
         let replicas = self.replicas.load();
         let limit = self.slots_per_replica();
-        let eligible = |r: &Arc<Replica>| avoid.is_none_or(|a| !Arc::ptr_eq(a, r));
+        let eligible = |r: &Arc<Replica>| avoid.is_none_or(|a| !Arc::ptr_eq(a, r)) && r.available();
         let take = |r: &Arc<Replica>| r.try_take(limit).then(|| self.slot(r.clone()));
         let n = replicas.len();
         if n >= 2 {
@@ -299,9 +440,14 @@ impl VersionSlots {
                 None => break,
             }
         }
-        // Nothing but `avoid` has room: better it than waiting.
+        // Nothing but `avoid` has room: better it than waiting, when it is the only one
+        // available (else the wait is for another).
         avoid
-            .filter(|a| fallback && replicas.iter().any(|r| Arc::ptr_eq(a, r)))
+            .filter(|a| {
+                replicas.iter().any(|r| Arc::ptr_eq(a, r))
+                    && a.available()
+                    && !self.others_available(a)
+            })
             .and_then(take)
     }
 
@@ -321,7 +467,6 @@ impl VersionSlots {
     /// Gives `slot` to the oldest live waiter that may take its replica, or returns it
     /// when there is none.
     fn hand_off(&self, mut slot: Slot) -> Option<Slot> {
-        let several = self.replicas.load().len() > 1;
         loop {
             let tx = {
                 let mut queue = self.queue.lock().expect("slot queue poisoned");
@@ -332,7 +477,12 @@ impl VersionSlots {
                         Some((tx, _)) if tx.is_closed() => {
                             queue.remove(i);
                         }
-                        Some((_, Some(a))) if several && Arc::ptr_eq(a, slot.replica()) => i += 1,
+                        // Not to a retry that avoids this replica while it has another.
+                        Some((_, Some(a)))
+                            if Arc::ptr_eq(a, slot.replica()) && self.others_available(a) =>
+                        {
+                            i += 1
+                        }
                         Some(_) => break queue.remove(i).expect("index checked").0,
                     }
                 }
@@ -414,6 +564,7 @@ impl Drop for Slot {
         if version.queued.load(SeqCst) > 0
             && replica.in_flight() <= version.slots_per_replica()
             && version.is_routable(&replica)
+            && replica.available()
         {
             let slot = Slot {
                 version: version.clone(),
@@ -556,6 +707,146 @@ mod tests {
             matches!(err, CapacityError::NoReadyReplicas { .. }),
             "{err:?}"
         );
+    }
+
+    fn outliers(consecutive_failures: u32, base_s: u64, max_s: u64) -> OutlierDetection {
+        OutlierDetection {
+            consecutive_failures,
+            base_ejection_time_ms: base_s * 1000,
+            max_ejection_time_ms: max_s * 1000,
+        }
+    }
+
+    /// The addresses `n` slots went to.
+    fn picks(v: &Arc<VersionSlots>, n: usize) -> Vec<SocketAddr> {
+        (0..n)
+            .map(|_| v.try_acquire(None).expect("a free slot").replica().addr)
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ejections_grow_in_a_row_and_a_success_clears_the_record() {
+        let settings = outliers(3, 10, 25);
+        let v = VersionSlots::new("blue", 1, None);
+        v.set_replicas(replicas(&addrs(2)));
+        let (a, b) = (v.replicas()[0].clone(), v.replicas()[1].clone());
+        let eject = |nth: u32, failures: u32, secs: u64| Ejection {
+            failures,
+            nth,
+            duration: Duration::from_secs(secs),
+        };
+        assert_eq!(v.failed(&a, &settings), None);
+        assert_eq!(v.failed(&a, &settings), None);
+        assert_eq!(v.failed(&a, &settings), Some(eject(1, 3, 10)));
+        assert_eq!(v.ejected(), 1);
+        assert!(picks(&v, 20).iter().all(|addr| *addr == b.addr));
+        assert_eq!(v.failed(&a, &settings), None, "already ejected");
+
+        tokio::time::advance(Duration::from_millis(9_999)).await;
+        assert_eq!(v.ejected(), 1);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(v.ejected(), 0, "back after 10 s");
+        assert!(picks(&v, 40).contains(&a.addr));
+
+        // Back without a success since: one failure ejects it again, for longer (the
+        // failure while ejected still counts in the run).
+        assert_eq!(v.failed(&a, &settings), Some(eject(2, 2, 20)));
+        tokio::time::advance(Duration::from_millis(19_999)).await;
+        assert_eq!(v.ejected(), 1);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(v.ejected(), 0);
+        assert_eq!(v.failed(&a, &settings), Some(eject(3, 1, 25)), "capped");
+        tokio::time::advance(Duration::from_secs(25)).await;
+        assert_eq!(v.ejected(), 0);
+
+        // A success clears both counts: three failures again, and the base time.
+        a.succeeded();
+        assert_eq!(v.failed(&a, &settings), None);
+        assert_eq!(v.failed(&a, &settings), None);
+        a.succeeded();
+        assert_eq!(v.failed(&a, &settings), None);
+        assert_eq!(v.failed(&a, &settings), None);
+        assert_eq!(v.failed(&a, &settings), Some(eject(1, 3, 10)));
+
+        // Off: never ejected.
+        assert_eq!(v.failed(&b, &outliers(0, 10, 25)), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_last_available_replica_is_never_ejected() {
+        let settings = outliers(1, 30, 300);
+        let one = VersionSlots::new("one", 1, None);
+        one.set_replicas(replicas(&addrs(1)));
+        let only = one.replicas()[0].clone();
+        for _ in 0..10 {
+            assert_eq!(one.failed(&only, &settings), None);
+        }
+        assert_eq!(one.ejected(), 0);
+        assert!(one.try_acquire(None).is_some());
+
+        let v = VersionSlots::new("three", 1, None);
+        v.set_replicas(replicas(&addrs(3)));
+        let r = v.replicas();
+        assert!(v.failed(&r[0], &settings).is_some());
+        assert!(v.failed(&r[1], &settings).is_some());
+        for _ in 0..10 {
+            assert_eq!(v.failed(&r[2], &settings), None, "the last one stays");
+        }
+        assert_eq!(v.ejected(), 2);
+        assert_eq!(picks(&v, 1), [r[2].addr]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ejections_survive_a_new_table_but_one_replica_stays_available() {
+        let settings = outliers(1, 30, 300);
+        let [a, b, c] = addrs(3)[..] else {
+            unreachable!()
+        };
+        let v = VersionSlots::new("blue", 1, None);
+        v.set_replicas(replicas(&[a, b, c]));
+        let r = v.replicas();
+        assert!(v.failed(&r[0], &settings).is_some());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(v.failed(&r[1], &settings).is_some());
+        // The same addresses, as new objects: the ejections stay.
+        v.set_replicas(replicas(&[a, b, c]));
+        assert_eq!(v.ejected(), 2);
+        // The available one goes: the ejection ending first (a's) ends now.
+        v.set_replicas(replicas(&[a, b]));
+        assert_eq!(v.ejected(), 1);
+        assert_eq!(picks(&v, 1), [a]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_get_no_slot_on_an_ejected_replica() {
+        let settings = outliers(1, 30, 300);
+        let v = VersionSlots::new("blue", 1, None);
+        v.set_replicas(replicas(&addrs(2)));
+        let held = [v.try_acquire(None).unwrap(), v.try_acquire(None).unwrap()];
+        let waiter = {
+            let v = v.clone();
+            tokio::spawn(async move { v.acquire(Duration::from_secs(5)).await })
+        };
+        tokio::task::yield_now().await;
+        assert_eq!(v.queued(), 1);
+        let [on_bad, on_good] = held;
+        assert!(v.failed(on_bad.replica(), &settings).is_some());
+        let good = on_good.replica().clone();
+        drop(on_bad);
+        tokio::task::yield_now().await;
+        assert!(
+            !waiter.is_finished(),
+            "not handed the ejected replica's slot"
+        );
+        drop(on_good);
+        assert_eq!(waiter.await.unwrap().unwrap().replica().addr, good.addr);
+
+        // A retry avoiding the good replica takes it rather than wait for the ejected one.
+        let retry = v
+            .acquire_avoiding(Duration::from_secs(5), Some(&good))
+            .await
+            .unwrap();
+        assert_eq!(retry.replica().addr, good.addr);
     }
 
     #[tokio::test(start_paused = true)]

@@ -8,8 +8,12 @@ use std::{collections::HashMap, sync::Arc};
 
 use http::HeaderValue;
 
-use super::slots::VersionSlots;
+use super::{
+    forward::SendError,
+    slots::{Replica, VersionSlots},
+};
 use crate::{
+    config::OutlierDetection,
     error::ClientError,
     metrics::{Metrics, VersionMetrics},
     spec,
@@ -41,6 +45,37 @@ pub struct VersionRoute {
 impl VersionRoute {
     pub fn name(&self) -> &str {
         &self.spec.name
+    }
+
+    /// Feeds the transport outcome of one attempt at `replica` to outlier detection; an
+    /// ejection it leads to is logged and counted. A failure that was the client's counts
+    /// neither way.
+    pub fn observe<T>(
+        &self,
+        replica: &Replica,
+        sent: &Result<T, SendError>,
+        settings: &OutlierDetection,
+    ) {
+        let reason = match sent {
+            Ok(_) => return replica.succeeded(),
+            Err(e) => match e.replica_fault() {
+                Some(reason) => reason,
+                None => return,
+            },
+        };
+        if let Some(ejection) = self.slots.failed(replica, settings) {
+            tracing::warn!(
+                endpoint = self.metrics.endpoint(),
+                version = self.name(),
+                replica = %replica.addr,
+                failures = ejection.failures,
+                ejections_in_a_row = ejection.nth,
+                ejection_ms = ejection.duration.as_millis() as u64,
+                last_error = %reason,
+                "replica ejected after transport failures in a row"
+            );
+            self.metrics.count_ejection();
+        }
     }
 }
 

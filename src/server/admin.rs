@@ -102,6 +102,7 @@ fn render_metrics(proxy: &Proxy) -> String {
                 queued: v.slots.queued(),
                 ready: replicas.len(),
                 busy: replicas.iter().filter(|r| r.in_flight() > 0).count(),
+                ejected: v.slots.ejected(),
             }
         })
     });
