@@ -12,6 +12,10 @@
     python3 loadtest/scenarios.py spike                 an open-loop step to 10x what one
                                                         replica serves, against autoscaled
                                                         local replicas; chart over time
+    python3 loadtest/scenarios.py soak [--soak-seconds 600]
+                                                        a steady rate with reloads, a killed
+                                                        replica, SIGHUP, key rotation and
+                                                        replica command changes along the way
 
 Every run builds the release binaries, starts its own servers on loopback ports, stops
 them at the end, and writes `results.json` (and `report.md`) into `--out` (default
@@ -760,6 +764,186 @@ def spike(args, run):
     finish(run, "spike", results, "\n".join(lines))
 
 
+def soak(args, run):
+    """A steady open-loop rate for --soak-seconds against a 2-version endpoint (local
+    replicas scorefront supervises, and a fixed address), with a change every
+    --event-seconds: a traffic split change, a replica process killed, a SIGHUP, a key
+    rotation and a replica command change (all its replicas restarted), in turn. Reports
+    scorefront's RSS over time and every non-2xx answer or transport error, each either
+    within a few seconds of a change that may cause it (a killed replica) or unexpected."""
+    gen, served = cores() or (None, None)
+    green = Model(run, served)
+    port, admin = free_port(), free_port()
+    (run / "scorefront.yaml").write_text(
+        f"listen: {{http: 127.0.0.1:{port}, admin: 127.0.0.1:{admin}}}\n"
+        f"endpoints: {{file: endpoints.yaml}}\nreloadIntervalMs: 200\n"
+    )
+    model = RELEASE / "sample-model"
+
+    def endpoints(green_pct, secondary, generation):
+        (run / "endpoints.yaml.new").write_text(
+            "apiVersion: scorefront.io/v1\nkind: ScoringEndpoint\nmetadata: {name: soak}\n"
+            f"spec:\n  keys: {{primaryKey: {KEY}, secondaryKey: {secondary}}}\n  versions:\n"
+            f"    - name: blue\n"
+            f"      command: {model} --port {{port}} --latency-ms 2 --response-bytes {100 + generation}\n"
+            f"      replicaCount: 2\n"
+            f"      maxConcurrentRequestsPerContainer: 16\n"
+            f"    - name: green\n"
+            f"      trafficPercentile: {green_pct}\n"
+            f"      replicas: ['127.0.0.1:{green.port}']\n"
+            f"      maxConcurrentRequestsPerContainer: 64\n"
+        )
+        os.replace(run / "endpoints.yaml.new", run / "endpoints.yaml")
+
+    state = {"green_pct": 10, "secondary": "scenario-secondary-key-0000000001", "generation": 0}
+    endpoints(**state)
+    env = dict(os.environ, TOKIO_WORKER_THREADS="1")
+    env.pop("RUST_LOG", None)
+    sf = start([str(RELEASE / "scorefront"), "serve", "--config", str(run / "scorefront.yaml")],
+               run / "scorefront.log", env=env, core=served)
+    wait_port(port, "scorefront", sf)
+    url = f"http://127.0.0.1:{port}/api/v1/endpoint/soak/score"
+    metrics_url = f"http://127.0.0.1:{admin}/metrics"
+
+    def scrape():
+        import urllib.request
+        with urllib.request.urlopen(metrics_url, timeout=5) as r:
+            return r.read().decode()
+
+    def gauge(text, name, **labels):
+        """The first sample of `name` whose labels include `labels`."""
+        want = {f'{k}="{v}"' for k, v in labels.items()}
+        for line in text.splitlines():
+            series, _, value = line.rpartition(" ")
+            n, _, rest = series.partition("{")
+            if n == name and want <= set(rest.rstrip("}").split(",")):
+                return float(value)
+        return None
+
+    def wait_ready(n, within=30):
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            if gauge(scrape(), "scorefront_replicas", version="blue", state="ready") == n:
+                return True
+            time.sleep(0.2)
+        return False
+
+    if not wait_ready(2):
+        sys.exit("the blue replicas did not become ready; see scorefront.log in the run folder")
+
+    def replica_pids():
+        return [p for p in family(sf.pid) if p != sf.pid
+                and "sample-model" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
+
+    def change(kind):
+        if kind == "split":
+            state["green_pct"] = 20 if state["green_pct"] == 10 else 10
+            endpoints(**state)
+            return f"green at {state['green_pct']} %"
+        if kind == "kill":
+            pids = replica_pids()
+            if not pids:
+                return "no replica process found"
+            os.kill(pids[0], signal.SIGKILL)
+            return f"SIGKILL to replica pid {pids[0]}"
+        if kind == "sighup":
+            os.kill(sf.pid, signal.SIGHUP)
+            return "SIGHUP"
+        if kind == "rotate":
+            n = int(state["secondary"][-10:]) + 1
+            state["secondary"] = f"scenario-secondary-key-{n:010d}"
+            endpoints(**state)
+            return "secondary key rotated"
+        state["generation"] += 1
+        endpoints(**state)
+        return f"blue's command changed (generation {state['generation']})"
+
+    secs, every = args.soak_seconds, args.event_seconds
+    log(f"soak: {args.rate} req/s for {secs} s, a change every {every} s")
+    loadgen = subprocess.Popen(pinned(gen, [
+        str(RELEASE / "loadtest"), "--url", url, "--quiet", "--rate", str(args.rate),
+        "-c", "64", "-d", str(secs), "--max-seconds", str(secs + 60),
+        "-H", f"Authorization: Bearer {KEY}", "--body", '{"data": [1]}',
+        "--json", str(run / "soak.json")]))
+    t0 = time.monotonic()
+    kinds = ["split", "kill", "sighup", "rotate", "command"]
+    events, rss, next_event, next_sample, i = [], [], every, 0.0, 0
+    while loadgen.poll() is None:
+        now = time.monotonic() - t0
+        if now >= next_sample:
+            rss.append((round(now, 1), int(Path(f"/proc/{sf.pid}/status").read_text()
+                                           .split("VmRSS:")[1].split()[0])))
+            next_sample += 5
+        if now >= next_event and now < secs - every / 2:
+            kind = kinds[i % len(kinds)]
+            what = change(kind)
+            events.append({"t": round(now, 1), "kind": kind, "what": what})
+            log(f"{now:6.1f} s: {what}")
+            i += 1
+            next_event += every
+        time.sleep(0.1)
+    if loadgen.returncode != 0:
+        sys.exit(f"loadtest exited with {loadgen.returncode}")
+    r = json.loads((run / "soak.json").read_text())
+    time.sleep(1)
+    end = scrape()
+    in_flight = sum(float(l.rsplit(" ", 1)[1]) for l in end.splitlines()
+                    if l.startswith("scorefront_in_flight_requests{") or
+                    l.startswith("scorefront_queued_requests{"))
+
+    # Each second with a non-2xx answer or an error, and the change it follows (if any
+    # within 3 s before it). Only a killed replica may cost requests: those it held.
+    # The load generator's clock starts a moment after t0; a second of slack covers it.
+    def cause(t):
+        for e in reversed(events):
+            if e["t"] - 1 <= t <= e["t"] + 3:
+                return e["kind"]
+        return None
+
+    bad = [(p["t"], p["non_2xx"] + p["errors"], cause(p["t"]))
+           for p in r["timeline"] if p["non_2xx"] + p["errors"]]
+    expected = sum(n for _, n, c in bad if c == "kill")
+    unexpected = [(t, n, c) for t, n, c in bad if c != "kill"]
+    values = [v for _, v in rss]
+    q = max(1, len(values) // 5)
+    warm = [v for t, v in rss if t >= 60] or values
+    first, last = statistics.mean(warm[:q]), statistics.mean(values[-q:])
+    growth = (last - first) / first * 100
+    results = {
+        "rate": args.rate, "seconds": secs, "event_seconds": every, "events": events,
+        "statuses": r["statuses"], "errors": r["errors"],
+        "errors_by_kind": r["errors_by_kind"], "latency_us": r["latency_us"],
+        "non_2xx_or_errors_by_second": bad, "after_killed_replicas": expected,
+        "unexpected": unexpected, "rss_kib": rss,
+        "rss_growth_percent_first_to_last_fifth": growth,
+        "slots_held_at_the_end": in_flight,
+        "versions": r["versions"],
+    }
+    lat = r["latency_us"]
+    elsewhere = ", ".join(f"{n} at {t:.0f} s, after {c or 'no change'}"
+                          for t, n, c in unexpected) or "none"
+    lines = [
+        f"{args.rate} req/s for {secs} s (open loop, 64 connections) to endpoint `soak`: "
+        f"`blue` on 2 local replicas (sample-model, 2 ms) and `green` on a fixed address; "
+        f"a change every {every} s, in turn: {', '.join(kinds)} "
+        f"({len(events)} changes).",
+        "",
+        "| | |", "|---|---|",
+        f"| responses | {sum(r['statuses'].values())} ({' '.join(f'{k}={v}' for k, v in r['statuses'].items())}) |",
+        f"| transport errors | {r['errors']} |",
+        f"| non-2xx or errors within 3 s after a killed replica | {expected} |",
+        f"| non-2xx or errors elsewhere | {sum(n for _, n, _ in unexpected)} "
+        f"({elsewhere}) |",
+        f"| latency p50 / p99 / max | {lat['p50'] / 1000:.2f} / {lat['p99'] / 1000:.2f} / "
+        f"{lat['max'] / 1000:.1f} ms |",
+        f"| scorefront RSS, first fifth after 60 s / last fifth / max | {first / 1024:.1f} / "
+        f"{last / 1024:.1f} / {max(values) / 1024:.1f} MiB ({growth:+.1f} %) |",
+        f"| slots held or waited for at the end | {in_flight:.0f} |",
+        f"| answers by version | {' '.join(f'{k}={v}' for k, v in r['versions'].items())} |",
+    ]
+    finish(run, "soak", results, "\n".join(lines))
+
+
 def weighted_median(pairs, n):
     """The value of (value, weight) pairs at the weighted median (an approximation for
     merging per-second percentiles)."""
@@ -816,11 +1000,15 @@ def chart(path, points, ready, desired):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("scenario", choices=["overhead", "tls", "split", "memory", "syscalls",
-                                             "instructions", "spike"])
+                                             "instructions", "spike", "soak"])
     parser.add_argument("--reps", type=int, default=5, help="repetitions (overhead, tls)")
     parser.add_argument("--quick", action="store_true", help="fewer requests per run")
     parser.add_argument("--idle-connections", type=int, default=10000, help="memory")
-    parser.add_argument("--soak-seconds", type=int, default=600, help="memory; 0 skips it")
+    parser.add_argument("--soak-seconds", type=int, default=600,
+                        help="memory (0 skips it) and soak")
+    parser.add_argument("--rate", type=int, default=1000, help="soak: requests/s")
+    parser.add_argument("--event-seconds", type=int, default=20,
+                        help="soak: time between changes")
     parser.add_argument("--service-ms", type=int, default=20,
                         help="spike: the sample model's time per request")
     parser.add_argument("--before-seconds", type=int, default=10, help="spike")
