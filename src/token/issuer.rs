@@ -177,13 +177,14 @@ mod tests {
         for kind in [KeyKind::Es256, KeyKind::Ed25519] {
             let pem = generate(kind).unwrap();
             let der = PrivatePkcs8KeyDer::from_pem_slice(pem.as_bytes()).unwrap();
-            // SEQUENCE { INTEGER 0 (v1), ...
-            assert_eq!(der.secret_pkcs8_der()[2..5], [0x02, 0x01, 0x00], "{kind:?}");
-            let dir = std::env::temp_dir().join(format!("scorefront-key-{}", std::process::id()));
-            std::fs::write(&dir, &pem).unwrap();
-            let signer = Signer::load(&dir, "iss".into(), 60);
-            let _ = std::fs::remove_file(&dir);
-            let token = signer.unwrap().mint("ep", SystemTime::now()).unwrap();
+            let der = der.secret_pkcs8_der();
+            // SEQUENCE { INTEGER 0 (v1), ... (a long-form length for the P-256 key)
+            let version = if der[1] & 0x80 == 0 { 2 } else { 3 };
+            assert_eq!(der[version..version + 3], [0x02, 0x01, 0x00], "{kind:?}");
+            let file = tempfile::NamedTempFile::new().unwrap();
+            std::fs::write(file.path(), &pem).unwrap();
+            let signer = Signer::load(file.path(), "iss".into(), 60).unwrap();
+            let token = signer.mint("ep", SystemTime::now()).unwrap();
             assert_eq!(token.access_token.split('.').count(), 3);
         }
     }
