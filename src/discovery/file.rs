@@ -33,8 +33,18 @@ pub fn parse_endpoints(text: &str, path: &Path) -> Result<Vec<spec::Endpoint>, V
     let file = path.display();
     let mut endpoints: Vec<spec::Endpoint> = Vec::new();
     let mut errors = Vec::new();
-    for (i, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+    // Each document is read untyped first. A YAML error (bad syntax, an unknown alias)
+    // leaves the reader inside the stream: it would then report that error again for every
+    // further document, endlessly, or hand out fragments on which serde_yaml_ng panics. So
+    // the first such error ends the file, and only documents read whole are deserialized.
+    let mut typed = serde_yaml_ng::Deserializer::from_str(text);
+    for (i, untyped) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let n = i + 1;
+        let Some(de) = typed.next() else { break };
+        if let Err(e) = serde::de::IgnoredAny::deserialize(untyped) {
+            errors.push(format!("{file}: document {n}: {e}"));
+            break;
+        }
         match Option::<spec::EndpointDocument>::deserialize(de) {
             Ok(None) => {}
             Ok(Some(doc)) => match spec::validate_document(&doc) {
