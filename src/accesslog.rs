@@ -3,8 +3,9 @@
 //! Formatting that line through tracing's generic field machinery cost about a quarter of
 //! the router's CPU per request. So the binary installs the log writer here once logging
 //! is set up, and each line is then written by hand into a reused buffer and handed to
-//! that same writer (the ordered, lossless writer thread every other log line goes
-//! through). The text and JSON layouts are exactly those of tracing-subscriber's `fmt`
+//! that same writer (the ordered writer thread every other log line goes through, which
+//! drops lines rather than wait when its output stalls, and marks each gap with
+//! [`gap_line`]). The text and JSON layouts are exactly those of tracing-subscriber's `fmt`
 //! (the tests below compare them). Whether the line is wanted at all is decided once, from
 //! the filter in force (`RUST_LOG`, e.g. `scorefront::access=off`).
 //!
@@ -18,7 +19,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use crate::logwriter::LogWriter;
+use crate::logwriter::{Dropped, LogWriter};
 
 /// The target of access-log lines, for filters.
 pub const TARGET: &str = "scorefront::access";
@@ -107,6 +108,32 @@ pub fn write(entry: &Entry<'_>) {
             outcome = entry.outcome,
         ),
     }
+}
+
+/// The warning the log writer puts where it dropped lines, in `format`'s layout.
+pub fn gap_line(format: Format, gap: Dropped) -> Vec<u8> {
+    let message = format!(
+        "{} log lines dropped ({} bytes): the log output was not read fast enough",
+        gap.lines, gap.bytes
+    );
+    let now = SystemTime::now();
+    let mut buf = Vec::new();
+    match format {
+        Format::Text => {
+            timestamp(&mut buf, now);
+            buf.extend_from_slice(b"  WARN scorefront::logwriter: ");
+            buf.extend_from_slice(message.as_bytes());
+            buf.push(b'\n');
+        }
+        Format::Json => {
+            buf.extend_from_slice(b"{\"timestamp\":\"");
+            timestamp(&mut buf, now);
+            buf.extend_from_slice(b"\",\"level\":\"WARN\",\"message\":");
+            json_str(&mut buf, &message);
+            buf.extend_from_slice(b",\"target\":\"scorefront::logwriter\"}\n");
+        }
+    }
+    buf
 }
 
 /// One field's value, as both layouts need to tell them apart.
@@ -410,6 +437,33 @@ mod tests {
                     assert_eq!(v["path"], e.path);
                 }
             }
+        }
+    }
+
+    #[test]
+    fn gap_lines_match_tracing_subscriber_byte_for_byte() {
+        let gap = Dropped {
+            lines: 12,
+            bytes: 3456,
+        };
+        for format in [Format::Text, Format::Json] {
+            let out = Captured::default();
+            let builder = tracing_subscriber::fmt()
+                .with_writer(out.clone())
+                .with_ansi(false);
+            let _guard = match format {
+                Format::Text => tracing::subscriber::set_default(builder.finish()),
+                Format::Json => {
+                    tracing::subscriber::set_default(builder.json().flatten_event(true).finish())
+                }
+            };
+            tracing::warn!(
+                target: "scorefront::logwriter",
+                "12 log lines dropped (3456 bytes): the log output was not read fast enough"
+            );
+            let want = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+            let got = String::from_utf8(gap_line(format, gap)).unwrap();
+            assert_eq!(untimed(format, &got), untimed(format, &want), "{format:?}");
         }
     }
 

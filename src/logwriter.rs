@@ -5,22 +5,72 @@
 //! The writer thread sleeps until a line arrives, then gathers lines for up to
 //! [`BATCH_WAIT`] (less once [`HIGH_WATER`] bytes are waiting) and writes them at once.
 //! While it is gathering, logging a line costs a lock and a copy: no wake-up, no syscall.
-//! Nothing is dropped: past [`MAX_PENDING`] bytes, loggers wait for the writer. Dropping
-//! the [`Flush`] guard writes what is left and stops the thread.
+//!
+//! A logger never waits for the output. If stderr's reader stalls (a pipe nobody reads, a
+//! frozen log shipper), a router that waited would stop serving; so once the waiting bytes
+//! would pass the bound (`max_pending`, default [`MAX_PENDING`], set by the environment
+//! variable [`MAX_PENDING_ENV`]), new lines are dropped, the newest first, and counted:
+//! per process in [`dropped`] (exported as `scorefront_log_dropped_lines_total` and
+//! `..._bytes_total`), and per gap, for a marker line ("N log lines dropped") that the
+//! writer puts exactly where the lines are missing once it takes the next batch. Dropping
+//! goes on until then, so each gap is one run of lines with one marker. Memory stays
+//! bounded: at most one batch being written and `max_pending` bytes (or one line) waiting.
+//! Dropping the [`Flush`] guard writes what is left and stops the thread.
 
 use std::{
     io::{self, Write},
-    sync::{Arc, Condvar, Mutex, MutexGuard},
+    sync::{
+        Arc, Condvar, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
     thread::JoinHandle,
     time::Duration,
 };
 
 /// How long the writer gathers lines before writing them.
 pub const BATCH_WAIT: Duration = Duration::from_millis(5);
-/// Waiting bytes that make the writer write at once.
+/// Waiting bytes that make the writer write at once (or half the bound, if smaller).
 pub const HIGH_WATER: usize = 256 * 1024;
-/// Waiting bytes past which loggers block until the writer catches up.
+/// Waiting bytes past which new lines are dropped, unless [`MAX_PENDING_ENV`] says otherwise.
 pub const MAX_PENDING: usize = 8 * 1024 * 1024;
+/// The environment variable that sets the bound, in bytes.
+pub const MAX_PENDING_ENV: &str = "SCOREFRONT_LOG_MAX_PENDING";
+
+/// Lines dropped and their bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Dropped {
+    pub lines: u64,
+    pub bytes: u64,
+}
+
+/// Dropped by every writer of this process so far (a process has one stderr).
+static DROPPED_LINES: AtomicU64 = AtomicU64::new(0);
+static DROPPED_BYTES: AtomicU64 = AtomicU64::new(0);
+
+/// What every writer of this process dropped so far.
+pub fn dropped() -> Dropped {
+    Dropped {
+        lines: DROPPED_LINES.load(Relaxed),
+        bytes: DROPPED_BYTES.load(Relaxed),
+    }
+}
+
+/// The bound set by [`MAX_PENDING_ENV`], or [`MAX_PENDING`] when it is not set.
+pub fn max_pending_from_env() -> Result<usize, String> {
+    match std::env::var(MAX_PENDING_ENV) {
+        Err(std::env::VarError::NotPresent) => Ok(MAX_PENDING),
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(format!(
+                "{MAX_PENDING_ENV}={v:?}: expected a positive number of bytes"
+            )),
+        },
+        Err(e) => Err(format!("{MAX_PENDING_ENV}: {e}")),
+    }
+}
+
+/// Makes the marker line written where lines were dropped.
+type GapLine = Box<dyn Fn(Dropped) -> Vec<u8> + Send>;
 
 /// A handle for logging; cheap to clone.
 #[derive(Clone)]
@@ -32,8 +82,8 @@ struct Shared {
     state: Mutex<State>,
     /// Signalled when the writer thread should look at the buffer.
     wake: Condvar,
-    /// Signalled when the writer has taken a batch (room for blocked loggers).
-    room: Condvar,
+    max_pending: usize,
+    high_water: usize,
 }
 
 #[derive(Default)]
@@ -41,8 +91,9 @@ struct State {
     pending: Vec<u8>,
     /// The writer thread waits for a first line (not gathering a batch).
     idle: bool,
-    /// Loggers waiting for room (a wake-up is a syscall, so only when someone waits).
-    blocked: usize,
+    /// Dropped since the writer last took a batch: lines are dropped while this is not
+    /// zero, and the writer marks the gap when it takes the batch.
+    gap: Dropped,
     closed: bool,
 }
 
@@ -53,18 +104,25 @@ pub struct Flush {
 }
 
 impl LogWriter {
-    /// A writer thread that writes batches to `out`.
-    pub fn spawn(out: impl Write + Send + 'static) -> (LogWriter, Flush) {
+    /// A writer thread that writes batches to `out`, keeping at most `max_pending` bytes
+    /// waiting, and writing `gap_line` where lines were dropped.
+    pub fn spawn(
+        out: impl Write + Send + 'static,
+        max_pending: usize,
+        gap_line: impl Fn(Dropped) -> Vec<u8> + Send + 'static,
+    ) -> (LogWriter, Flush) {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
-            room: Condvar::new(),
+            max_pending,
+            high_water: HIGH_WATER.min(max_pending / 2),
         });
+        let gap_line: GapLine = Box::new(gap_line);
         let thread = std::thread::Builder::new()
             .name("log-writer".into())
             .spawn({
                 let shared = shared.clone();
-                move || write_batches(&shared, out)
+                move || write_batches(&shared, out, gap_line)
             })
             .expect("spawn the log writer thread");
         (
@@ -78,24 +136,26 @@ impl LogWriter {
         )
     }
 
-    /// Appends `line`, which should be one or more whole lines.
+    /// Appends `line`, which should be one or more whole lines, or drops it if the bound
+    /// is reached (a line alone in the buffer is always taken).
     pub fn append(&self, line: &[u8]) {
         let mut state = self.shared.lock();
-        while state.pending.len() > MAX_PENDING && !state.closed {
-            state.blocked += 1;
-            state = self
-                .shared
-                .room
-                .wait(state)
-                .unwrap_or_else(|e| e.into_inner());
-            state.blocked -= 1;
-        }
         let before = state.pending.len();
+        if state.gap.lines > 0 || (before > 0 && before + line.len() > self.shared.max_pending) {
+            let lines = line.iter().filter(|&&b| b == b'\n').count().max(1) as u64;
+            let bytes = line.len() as u64;
+            state.gap.lines += lines;
+            state.gap.bytes += bytes;
+            drop(state);
+            DROPPED_LINES.fetch_add(lines, Relaxed);
+            DROPPED_BYTES.fetch_add(bytes, Relaxed);
+            return;
+        }
         state.pending.extend_from_slice(line);
         if state.idle {
             state.idle = false;
             self.shared.wake.notify_one();
-        } else if before < HIGH_WATER && state.pending.len() >= HIGH_WATER {
+        } else if before < self.shared.high_water && state.pending.len() >= self.shared.high_water {
             self.shared.wake.notify_one();
         }
     }
@@ -107,16 +167,16 @@ impl Shared {
     }
 }
 
-fn write_batches(shared: &Shared, mut out: impl Write) {
+fn write_batches(shared: &Shared, mut out: impl Write, gap_line: GapLine) {
     let mut batch = Vec::new();
     loop {
         let mut state = shared.lock();
-        while state.pending.is_empty() && !state.closed {
+        while state.pending.is_empty() && state.gap.lines == 0 && !state.closed {
             state.idle = true;
             state = shared.wake.wait(state).unwrap_or_else(|e| e.into_inner());
         }
         state.idle = false;
-        if !state.closed && state.pending.len() < HIGH_WATER {
+        if !state.closed && state.pending.len() < shared.high_water {
             state = shared
                 .wake
                 .wait_timeout(state, BATCH_WAIT)
@@ -124,17 +184,20 @@ fn write_batches(shared: &Shared, mut out: impl Write) {
                 .0;
         }
         std::mem::swap(&mut state.pending, &mut batch);
+        // Every line waiting was taken before the first dropped one, and none after it.
+        let gap = std::mem::take(&mut state.gap);
         let closed = state.closed;
-        if state.blocked > 0 {
-            shared.room.notify_all();
-        }
         drop(state);
+        if gap.lines > 0 {
+            batch.extend_from_slice(&gap_line(gap));
+        }
         if !batch.is_empty() {
             // A log that cannot be written has nowhere to report that; carry on.
             let _ = out.write_all(&batch).and_then(|()| out.flush());
             batch.clear();
         }
-        if closed && shared.lock().pending.is_empty() {
+        let state = shared.lock();
+        if closed && state.pending.is_empty() && state.gap.lines == 0 {
             return;
         }
     }
@@ -144,7 +207,6 @@ impl Drop for Flush {
     fn drop(&mut self) {
         self.shared.lock().closed = true;
         self.shared.wake.notify_one();
-        self.shared.room.notify_all();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -191,7 +253,7 @@ mod tests {
     #[test]
     fn every_line_arrives_in_order_in_few_writes() {
         let out = Recorder::default();
-        let (writer, flush) = LogWriter::spawn(out.clone());
+        let (writer, flush) = LogWriter::spawn(out.clone(), MAX_PENDING, marker);
         let threads: Vec<_> = (0..4)
             .map(|t| {
                 let w = writer.clone();
@@ -227,29 +289,84 @@ mod tests {
         );
     }
 
+    /// A gap marker that says how much was dropped.
+    fn marker(d: Dropped) -> Vec<u8> {
+        format!("dropped {} {}\n", d.lines, d.bytes).into_bytes()
+    }
+
     #[test]
-    fn a_full_buffer_makes_loggers_wait_instead_of_dropping() {
-        /// An output slower than the loggers.
-        struct Slow(Recorder);
-        impl Write for Slow {
+    fn a_stalled_output_drops_new_lines_counts_them_and_marks_the_gap() {
+        /// An output whose first write waits until the test opens it.
+        struct Stalled {
+            out: Recorder,
+            open: std::sync::mpsc::Receiver<()>,
+            writing: std::sync::mpsc::Sender<()>,
+        }
+        impl Write for Stalled {
             fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-                std::thread::sleep(Duration::from_millis(20));
-                self.0.write(buf)
+                if self.out.0.lock().unwrap().is_empty() {
+                    let _ = self.writing.send(());
+                    let _ = self.open.recv();
+                }
+                self.out.write(buf)
             }
             fn flush(&mut self) -> io::Result<()> {
                 Ok(())
             }
         }
         let out = Recorder::default();
-        let (writer, flush) = LogWriter::spawn(Slow(out.clone()));
-        let line = vec![b'x'; 1023];
-        let total = 3 * MAX_PENDING / 1024;
-        for _ in 0..total {
-            writer.append(&[&line[..], b"\n"].concat());
-            assert!(writer.shared.lock().pending.len() <= MAX_PENDING + 1024);
+        let (open, open_rx) = std::sync::mpsc::channel();
+        let (writing_tx, writing) = std::sync::mpsc::channel();
+        let max = 10 * 100;
+        let (writer, flush) = LogWriter::spawn(
+            Stalled {
+                out: out.clone(),
+                open: open_rx,
+                writing: writing_tx,
+            },
+            max,
+            marker,
+        );
+        let line = |i: usize| format!("{i:>99}\n");
+        writer.append(line(0).as_bytes());
+        // The writer took line 0 and is stuck writing it.
+        writing.recv().unwrap();
+        let before = dropped();
+        // Ten lines fill the buffer; the next ones are dropped at once, never waited for.
+        for i in 1..=30 {
+            writer.append(line(i).as_bytes());
+            assert!(writer.shared.lock().pending.len() <= max);
         }
+        let after = dropped();
+        assert!(after.lines - before.lines >= 20, "{before:?} {after:?}");
+        assert!(after.bytes - before.bytes >= 2000, "{before:?} {after:?}");
+        open.send(()).unwrap();
+        // Once the writer has taken the batch with the gap, lines are kept again.
+        until(|| writer.shared.lock().gap.lines == 0);
+        writer.append(line(31).as_bytes());
         drop(flush);
-        let bytes: usize = out.0.lock().unwrap().iter().map(Vec::len).sum();
-        assert_eq!(bytes, total * 1024);
+        let text = String::from_utf8(out.0.lock().unwrap().concat()).unwrap();
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        let kept: Vec<String> = (0..=10).chain([31]).map(|i| i.to_string()).collect();
+        let mut want: Vec<&str> = kept.iter().map(String::as_str).collect();
+        want.insert(11, "dropped 20 2000");
+        assert_eq!(lines, want);
+    }
+
+    #[test]
+    fn a_line_alone_is_kept_even_past_the_bound() {
+        let out = Recorder::default();
+        let (writer, flush) = LogWriter::spawn(out.clone(), 10, marker);
+        writer.append(&[b'x'; 99]);
+        drop(flush);
+        assert_eq!(out.0.lock().unwrap().concat().len(), 99);
+    }
+
+    fn until(mut cond: impl FnMut() -> bool) {
+        let start = std::time::Instant::now();
+        while !cond() {
+            assert!(start.elapsed() < Duration::from_secs(10), "timed out");
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 }

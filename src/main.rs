@@ -81,7 +81,13 @@ fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     match cli.command {
         Cmd::Serve { config, log_format } => {
-            let _flush_logs_on_exit = init_logs(log_format);
+            let _flush_logs_on_exit = match init_logs(log_format) {
+                Ok(flush) => flush,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -185,10 +191,18 @@ fn mint(config: &std::path::Path, endpoint: &str) -> anyhow::Result<()> {
 }
 
 /// Logs go to stderr through [`LogWriter`]'s thread, in batches, so a request never waits
-/// on a write syscall for its access-log line; lines are never dropped. The returned
-/// guard writes what is left at exit.
-fn init_logs(format: LogFormat) -> logwriter::Flush {
-    let (writer, flush) = LogWriter::spawn(std::io::stderr());
+/// on a write syscall for its access-log line; if stderr stalls, lines are dropped and
+/// counted rather than waited for. The returned guard writes what is left at exit.
+fn init_logs(format: LogFormat) -> Result<logwriter::Flush, String> {
+    let gap_format = match format {
+        LogFormat::Text => accesslog::Format::Text,
+        LogFormat::Json => accesslog::Format::Json,
+    };
+    let (writer, flush) = LogWriter::spawn(
+        std::io::stderr(),
+        logwriter::max_pending_from_env()?,
+        move |gap| accesslog::gap_line(gap_format, gap),
+    );
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -209,7 +223,7 @@ fn init_logs(format: LogFormat) -> logwriter::Flush {
     if let Some(access) = access {
         accesslog::install(writer, access);
     }
-    flush
+    Ok(flush)
 }
 
 async fn serve(config: PathBuf) -> anyhow::Result<()> {

@@ -58,6 +58,7 @@ pub struct Metrics {
     desired_replicas: IntGaugeVec,
     scale_events: IntCounterVec,
     outliers: OutlierMetrics,
+    log_drops: LogDrops,
     /// Serializes scrapes: each one resets and refills the gauges.
     scrape: Mutex<()>,
 }
@@ -237,8 +238,10 @@ impl Metrics {
             )
             .expect("valid counter"),
             outliers: OutlierMetrics::new(),
+            log_drops: LogDrops::new(),
             scrape: Mutex::new(()),
         };
+        m.log_drops.register(&m.registry);
         for c in [
             Box::new(m.requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(m.request_duration.clone()),
@@ -374,6 +377,7 @@ impl Metrics {
         self.queued.reset();
         self.replicas.reset();
         self.outliers.ejected.reset();
+        self.log_drops.refresh();
         for v in versions {
             let l = &[v.endpoint, v.version];
             self.in_flight.with_label_values(l).set(v.in_flight as i64);
@@ -443,6 +447,48 @@ impl VersionMetrics {
             .inc();
     }
 }
+
+// --- Log writer: lines dropped because the log output was not read fast enough. ---
+
+/// The log writer's drop counts (process-wide, kept by the log writer), brought up to date
+/// at each scrape.
+struct LogDrops {
+    lines: IntCounter,
+    bytes: IntCounter,
+}
+
+impl LogDrops {
+    fn new() -> Self {
+        let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid counter");
+        LogDrops {
+            lines: counter(
+                "scorefront_log_dropped_lines_total",
+                "Log lines dropped because the log output (stderr) was not read fast enough.",
+            ),
+            bytes: counter(
+                "scorefront_log_dropped_bytes_total",
+                "Bytes of the log lines dropped because the log output was not read fast enough.",
+            ),
+        }
+    }
+
+    fn register(&self, registry: &Registry) {
+        for c in [&self.lines, &self.bytes] {
+            registry
+                .register(Box::new(c.clone()))
+                .expect("metric names are unique");
+        }
+    }
+
+    fn refresh(&self) {
+        let now = crate::logwriter::dropped();
+        for (c, total) in [(&self.lines, now.lines), (&self.bytes, now.bytes)] {
+            c.inc_by(total.saturating_sub(c.get()));
+        }
+    }
+}
+
+// --- End of the log writer's metrics. ---
 
 /// Removes the series of `vec` whose labels `matches` accepts.
 fn remove_where<T: MetricVecBuilder>(

@@ -1093,3 +1093,161 @@ async fn extreme_exp_and_nbf_are_answered_not_dropped() {
     }
     router.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------------------
+// Cross-checked with an independent implementation (the `jsonwebtoken` crate)
+
+#[tokio::test]
+async fn tokens_of_an_independent_signer_verify_and_their_tampered_forms_do_not() {
+    let keys = JwtKey::every_accepted_alg("jwt", shared_rsa_pem());
+    let stranger = JwtKey::every_accepted_alg("stranger", &openssl_rsa());
+    let idp = TestIssuer::new(IDP_ISS, IDP_AUD, "unused");
+    let model = Model::start("m").await;
+    let jwks = jwt_jwks(&keys);
+    let router = Router::try_start(
+        &auth_config(None, &[oidc("idp", IDP_ISS, "jwksFile: keys.json", "")]),
+        &token_endpoint("scoring", Some(&["idp"]), &[model.addr]),
+        &[("keys.json", jwks.as_bytes())],
+        false,
+    )
+    .await
+    .expect("router starts");
+    for (key, stranger) in keys.iter().zip(&stranger) {
+        let alg = format!("{:?}", key.alg);
+        let token = key.sign(&idp.claims());
+        assert_eq!(header_of(&token)["alg"], alg.as_str());
+        accepted(&router, "scoring", &token, &alg).await;
+        let changed = idp.claims_with(json!({"sub": "someone-else"}));
+        let hs256 = {
+            let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+            header.kid = Some(key.kid.clone());
+            // The classic confusion: the public key (as published) used as an HMAC secret.
+            let secret = jsonwebtoken::EncodingKey::from_secret(jwks.as_bytes());
+            jsonwebtoken::encode(&header, &idp.claims(), &secret).unwrap()
+        };
+        for (bad, reason, what) in [
+            (
+                tamper_payload(&token, &changed),
+                "bad_signature",
+                "payload changed",
+            ),
+            (
+                tamper_signature(&token),
+                "bad_signature",
+                "signature flipped",
+            ),
+            (
+                alg_none(Some(&key.kid), &idp.claims()),
+                "unsupported_alg",
+                "alg none",
+            ),
+            (hs256, "unsupported_alg", "alg HS256"),
+            (stranger.sign(&idp.claims()), "unknown_kid", "kid unknown"),
+            // A key not in the JWKS, under the kid of one that is.
+            (
+                stranger.sign_as(&key.kid, &idp.claims()),
+                "bad_signature",
+                "kid of another key",
+            ),
+            (
+                key.sign(&idp.claims_with(json!({"exp": now() - 3600}))),
+                "expired",
+                "exp past",
+            ),
+            (
+                key.sign(&idp.claims_with(json!({"aud": "api://someone-else"}))),
+                "wrong_audience",
+                "aud wrong",
+            ),
+        ] {
+            refused(
+                &router,
+                "scoring",
+                Some(&bad),
+                reason,
+                true,
+                &format!("{alg}: {what}"),
+            )
+            .await;
+        }
+    }
+    assert_eq!(model.requests(), keys.len());
+    router.shutdown().await;
+}
+
+#[tokio::test]
+async fn builtin_tokens_verify_with_an_independent_implementation() {
+    use jsonwebtoken::{Algorithm, DecodingKey, Validation, jwk::Jwk, jwk::ThumbprintHash};
+    for (kind, alg) in [("es256", Algorithm::ES256), ("ed25519", Algorithm::EdDSA)] {
+        let dir = tempfile::tempdir().unwrap();
+        let (code, pem, stderr) =
+            run_scorefront(&["keys".as_ref(), "--token-signing".as_ref(), kind.as_ref()]).await;
+        assert_eq!(code, Some(0), "{stderr}");
+        std::fs::write(dir.path().join("signing.pem"), &pem).unwrap();
+        std::fs::write(
+            dir.path().join("scorefront.yaml"),
+            auth_config(
+                Some(
+                    "{signingKeyFile: signing.pem, issuer: 'https://router.test', ttlSeconds: 600}",
+                ),
+                &[],
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("endpoints.yaml"),
+            token_endpoint("scoring", None, &[unused_addr()]),
+        )
+        .unwrap();
+        let (code, stdout, stderr) = mint(&dir.path().join("scorefront.yaml"), "scoring").await;
+        assert_eq!(code, Some(0), "{stderr}");
+        let answer: Value = serde_json::from_str(stdout.trim()).unwrap();
+        let token = answer["accessToken"].as_str().unwrap();
+
+        // The public key, as openssl derives it from the signing key file.
+        let out = std::process::Command::new("openssl")
+            .args(["pkey", "-pubout", "-in"])
+            .arg(dir.path().join("signing.pem"))
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let public = match alg {
+            Algorithm::EdDSA => DecodingKey::from_ed_pem(&out.stdout),
+            _ => DecodingKey::from_ec_pem(&out.stdout),
+        }
+        .unwrap();
+
+        let mut validation = Validation::new(alg);
+        validation.set_audience(&["scoring"]);
+        validation.set_issuer(&["https://router.test"]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "nbf"]);
+        let data = jsonwebtoken::decode::<Value>(token, &public, &validation)
+            .unwrap_or_else(|e| panic!("{kind}: jsonwebtoken refuses {token}: {e}"));
+        assert_eq!(data.claims["exp"].as_u64(), answer["expiryOn"].as_u64());
+        let thumbprint = Jwk::from_decoding_key(&public, Some(alg))
+            .unwrap()
+            .thumbprint(ThumbprintHash::SHA256)
+            .unwrap();
+        assert_eq!(
+            data.header.kid.as_deref(),
+            Some(thumbprint.as_str()),
+            "{kind}: kid"
+        );
+        for bad in [
+            tamper_signature(token),
+            tamper_payload(
+                token,
+                &json!({"iss": "https://router.test", "aud": "other", "exp": now() + 600}),
+            ),
+        ] {
+            assert!(
+                jsonwebtoken::decode::<Value>(&bad, &public, &validation).is_err(),
+                "{kind}: jsonwebtoken accepts a tampered token"
+            );
+        }
+    }
+}

@@ -53,12 +53,19 @@ pub struct TokenResponse {
 /// A fresh PKCS#8 PEM private key.
 pub fn generate(kind: KeyKind) -> anyhow::Result<String> {
     let rng = SystemRandom::new();
-    let pkcs8 = match kind {
-        KeyKind::Es256 => EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng),
-        KeyKind::Ed25519 => Ed25519KeyPair::generate_pkcs8(&rng),
-    }
-    .map_err(|_| anyhow::anyhow!("could not generate a key"))?;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(pkcs8.as_ref());
+    let failed = |_| anyhow::anyhow!("could not generate a key");
+    let der = match kind {
+        KeyKind::Es256 => EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+            .map_err(failed)?
+            .as_ref()
+            .to_vec(),
+        KeyKind::Ed25519 => ed25519_pkcs8_v1(
+            Ed25519KeyPair::generate_pkcs8(&rng)
+                .map_err(failed)?
+                .as_ref(),
+        )?,
+    };
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
     let mut pem = String::from("-----BEGIN PRIVATE KEY-----\n");
     for line in b64.as_bytes().chunks(64) {
         pem.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
@@ -66,6 +73,26 @@ pub fn generate(kind: KeyKind) -> anyhow::Result<String> {
     }
     pem.push_str("-----END PRIVATE KEY-----\n");
     Ok(pem)
+}
+
+/// ring makes Ed25519 keys as PKCS#8 v2 (RFC 5958: the seed and the public key), which
+/// OpenSSL 3.0 cannot read; the key file is written as v1 (RFC 8410: the seed alone), which
+/// OpenSSL, other JWT libraries and ring all read.
+fn ed25519_pkcs8_v1(v2: &[u8]) -> anyhow::Result<Vec<u8>> {
+    /// `SEQUENCE { INTEGER 1, { id-Ed25519 }, OCTET STRING { OCTET STRING (32) ...`
+    const V2: [u8; 16] = [
+        0x30, 0x51, 0x02, 0x01, 0x01, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    /// The same with version 0 and nothing after the seed.
+    const V1: [u8; 16] = [
+        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    match v2.strip_prefix(&V2[..]) {
+        Some(rest) if rest.len() >= 32 => Ok([&V1[..], &rest[..32]].concat()),
+        _ => bail!("unexpected Ed25519 PKCS#8 layout"),
+    }
 }
 
 impl Signer {
@@ -138,5 +165,27 @@ impl Signer {
             expiry_on: exp,
             refresh_after: iat + self.ttl_seconds / 2,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_keys_are_pkcs8_v1_and_load() {
+        for kind in [KeyKind::Es256, KeyKind::Ed25519] {
+            let pem = generate(kind).unwrap();
+            let der = PrivatePkcs8KeyDer::from_pem_slice(pem.as_bytes()).unwrap();
+            let der = der.secret_pkcs8_der();
+            // SEQUENCE { INTEGER 0 (v1), ... (a long-form length for the P-256 key)
+            let version = if der[1] & 0x80 == 0 { 2 } else { 3 };
+            assert_eq!(der[version..version + 3], [0x02, 0x01, 0x00], "{kind:?}");
+            let file = tempfile::NamedTempFile::new().unwrap();
+            std::fs::write(file.path(), &pem).unwrap();
+            let signer = Signer::load(file.path(), "iss".into(), 60).unwrap();
+            let token = signer.mint("ep", SystemTime::now()).unwrap();
+            assert_eq!(token.access_token.split('.').count(), 3);
+        }
     }
 }

@@ -4,6 +4,9 @@
 //! Keys: ECDSA (P-256, P-384) and Ed25519 come from ring's `generate_pkcs8`; the RSA key
 //! (2048 bits) from the `openssl` command, made once per test binary and shared by every
 //! [`TestKey::rsa`], since making one takes a noticeable fraction of a second.
+//!
+//! [`JwtKey`]: keys and tokens of an independent JWT implementation (the `jsonwebtoken`
+//! crate, on openssl-made keys), to cross-check scorefront's verifier and issuer.
 
 use std::{
     convert::Infallible,
@@ -63,26 +66,38 @@ pub struct TestKey {
     pkcs8: Option<Vec<u8>>,
 }
 
-/// The binary's RSA key: `openssl genpkey` once, parsed as PKCS#8 PEM.
+/// A private key made by `openssl genpkey` with `args`, as PKCS#8 PEM.
+pub fn openssl_key(args: &[&str]) -> Vec<u8> {
+    let out = std::process::Command::new("openssl")
+        .arg("genpkey")
+        .args(args)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "openssl genpkey failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// A fresh 2048-bit RSA private key (PKCS#8 PEM).
+pub fn openssl_rsa() -> Vec<u8> {
+    openssl_key(&["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"])
+}
+
+/// The binary's 2048-bit RSA private key (PKCS#8 PEM), made once.
+pub fn shared_rsa_pem() -> &'static [u8] {
+    static PEM: OnceLock<Vec<u8>> = OnceLock::new();
+    PEM.get_or_init(openssl_rsa)
+}
+
+/// The binary's RSA key, parsed by ring.
 fn shared_rsa() -> &'static RsaKeyPair {
     static KEY: OnceLock<RsaKeyPair> = OnceLock::new();
     KEY.get_or_init(|| {
-        let out = std::process::Command::new("openssl")
-            .args([
-                "genpkey",
-                "-algorithm",
-                "RSA",
-                "-pkeyopt",
-                "rsa_keygen_bits:2048",
-            ])
-            .output()
-            .expect("openssl runs");
-        assert!(
-            out.status.success(),
-            "openssl genpkey failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let der = PrivatePkcs8KeyDer::from_pem_slice(&out.stdout).expect("PKCS#8 PEM from openssl");
+        let der =
+            PrivatePkcs8KeyDer::from_pem_slice(shared_rsa_pem()).expect("PKCS#8 PEM from openssl");
         RsaKeyPair::from_pkcs8(der.secret_pkcs8_der()).expect("ring takes the RSA key")
     })
 }
@@ -566,4 +581,76 @@ async fn serve_jwks(
             .body(Full::new(Bytes::new())),
     };
     Ok(resp.unwrap())
+}
+
+// ---------------------------------------------------------------------------------------
+// An independent implementation
+
+/// A signing key of the `jsonwebtoken` crate for one algorithm, under `kid`, with the
+/// public JWK that crate derives from it.
+pub struct JwtKey {
+    pub alg: jsonwebtoken::Algorithm,
+    pub kid: String,
+    key: jsonwebtoken::EncodingKey,
+    pub jwk: jsonwebtoken::jwk::Jwk,
+}
+
+impl JwtKey {
+    /// One key per algorithm scorefront accepts, on openssl-made keys (the RSA algorithms
+    /// share `rsa_pem`), with kids `{prefix}-{alg}`.
+    pub fn every_accepted_alg(prefix: &str, rsa_pem: &[u8]) -> Vec<JwtKey> {
+        use jsonwebtoken::{Algorithm::*, EncodingKey};
+        let p256 = openssl_key(&["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]);
+        let p384 = openssl_key(&["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-384"]);
+        let ed = openssl_key(&["-algorithm", "ED25519"]);
+        let rsa = EncodingKey::from_rsa_pem(rsa_pem).expect("jsonwebtoken reads RSA");
+        let mut keys: Vec<JwtKey> = [RS256, RS384, RS512, PS256, PS384, PS512]
+            .into_iter()
+            .map(|alg| JwtKey::new(alg, prefix, rsa.clone()))
+            .collect();
+        keys.push(JwtKey::new(
+            ES256,
+            prefix,
+            EncodingKey::from_ec_pem(&p256).unwrap(),
+        ));
+        keys.push(JwtKey::new(
+            ES384,
+            prefix,
+            EncodingKey::from_ec_pem(&p384).unwrap(),
+        ));
+        keys.push(JwtKey::new(
+            EdDSA,
+            prefix,
+            EncodingKey::from_ed_pem(&ed).unwrap(),
+        ));
+        keys
+    }
+
+    fn new(alg: jsonwebtoken::Algorithm, prefix: &str, key: jsonwebtoken::EncodingKey) -> JwtKey {
+        let kid = format!("{prefix}-{alg:?}");
+        let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&key, alg)
+            .expect("jsonwebtoken derives the public JWK");
+        jwk.common.key_id = Some(kid.clone());
+        JwtKey { alg, kid, key, jwk }
+    }
+
+    /// A token of `claims` signed by jsonwebtoken, naming `kid` in its header.
+    pub fn sign_as(&self, kid: &str, claims: &Value) -> String {
+        let mut header = jsonwebtoken::Header::new(self.alg);
+        header.kid = Some(kid.to_owned());
+        jsonwebtoken::encode(&header, claims, &self.key).expect("jsonwebtoken signs")
+    }
+
+    /// A token of `claims` signed by jsonwebtoken under this key's kid.
+    pub fn sign(&self, claims: &Value) -> String {
+        self.sign_as(&self.kid, claims)
+    }
+}
+
+/// The JWKS (as jsonwebtoken writes it) publishing `keys`.
+pub fn jwt_jwks(keys: &[JwtKey]) -> String {
+    let set = jsonwebtoken::jwk::JwkSet {
+        keys: keys.iter().map(|k| k.jwk.clone()).collect(),
+    };
+    serde_json::to_string(&set).unwrap()
 }
