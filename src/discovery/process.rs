@@ -20,6 +20,7 @@
 use std::{
     collections::HashMap,
     net::{Ipv4Addr, SocketAddr},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::PathBuf,
     process::Stdio,
     sync::Arc,
@@ -38,7 +39,10 @@ use tokio::{
     time::{Instant, sleep},
 };
 
-use super::index::Event;
+use super::{
+    guard::{COMMAND_ENV, GUARD_ENV, TERM_GRACE},
+    index::Event,
+};
 use crate::{
     proxy::slots::Replica,
     spec::{self, PORT_PLACEHOLDER, ReplicaSource},
@@ -52,8 +56,6 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A replica that ran this long before exiting restarts without accumulated backoff.
 const STABLE_RUN: Duration = Duration::from_secs(30);
-/// Time between SIGTERM and SIGKILL.
-const TERM_GRACE: Duration = Duration::from_secs(5);
 
 /// A set of identical replicas: same endpoint, version and source.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -376,9 +378,9 @@ impl ReplicaRun {
         while !*stop.borrow() {
             let started = Instant::now();
             match self.start() {
-                Ok((child, replica)) => {
+                Ok((child, lifeline, replica)) => {
                     self.current.send_replace(Some(replica.clone()));
-                    match self.supervise(child, &replica, &mut stop).await {
+                    match self.supervise(child, lifeline, &replica, &mut stop).await {
                         Ended::Stopped => return,
                         Ended::Exited(status) => {
                             if started.elapsed() >= STABLE_RUN {
@@ -409,14 +411,20 @@ impl ReplicaRun {
         }
     }
 
-    fn start(&self) -> std::io::Result<(Child, Arc<Replica>)> {
+    fn start(&self) -> std::io::Result<(Child, OwnedFd, Arc<Replica>)> {
         let port = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
             .local_addr()?
             .port();
         let command = self.key.source.replace(PORT_PLACEHOLDER, &port.to_string());
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c")
-            .arg(format!("exec {command}"))
+        let (guard_end, lifeline) = lifeline()?;
+        let guard_fd = guard_end.as_raw_fd();
+        // The guard (see [`super::guard`]) runs the command; the arguments only name it
+        // in process listings.
+        let mut cmd = Command::new("/proc/self/exe");
+        cmd.arg0("scorefront-replica-guard")
+            .arg(&command)
+            .env(GUARD_ENV, guard_fd.to_string())
+            .env(COMMAND_ENV, format!("exec {command}"))
             .current_dir(&self.workdir)
             .env("PORT", port.to_string())
             .env("SCOREFRONT_ENDPOINT", &self.key.endpoint)
@@ -424,19 +432,19 @@ impl ReplicaRun {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
             .process_group(0);
-        // SAFETY: the closure runs in the forked child before exec and only calls
-        // async-signal-safe functions (prctl, getppid, kill).
+        // SAFETY: the closure runs in the forked child before exec and only calls fcntl,
+        // which is async-signal-safe: the guard keeps its end of the pipe across exec.
         unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+            cmd.pre_exec(move || {
+                if libc::fcntl(guard_fd, libc::F_SETFD, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
             });
         }
         let mut child = cmd.spawn()?;
+        drop(guard_end);
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         for out in [
             child
@@ -457,21 +465,20 @@ impl ReplicaRun {
             endpoint = self.key.endpoint,
             version = self.key.version,
             replica = %addr,
-            pid = child.id(),
+            guard = child.id(),
             "replica started"
         );
-        Ok((child, Arc::new(Replica::new(addr))))
+        Ok((child, lifeline, Arc::new(Replica::new(addr))))
     }
 
     async fn supervise(
         &self,
         mut child: Child,
+        lifeline: OwnedFd,
         replica: &Arc<Replica>,
         stop: &mut watch::Receiver<bool>,
     ) -> Ended {
         let mut health = Health::default();
-        // The group the child leads (it was started as a group of its own).
-        let group = child.id();
         let ended = loop {
             tokio::select! {
                 status = child.wait() => break Ended::Exited(status),
@@ -496,18 +503,12 @@ impl ReplicaRun {
         if health.ready {
             self.report(replica, false);
         }
-        if let (Ended::Exited(_), Some(group)) = (&ended, group) {
-            // Workers the main process started (a gunicorn-style server's) would outlive
-            // it and hold the port or memory across restarts: the group goes with it.
-            // SAFETY: kill(2) with a negative pid signals the group the child led.
-            unsafe { libc::kill(-(group as i32), libc::SIGKILL) };
-        }
         if let Ended::Stopped = ended {
             let deadline = Instant::now() + self.drain;
             while replica.in_flight() > 0 && Instant::now() < deadline {
                 sleep(Duration::from_millis(10)).await;
             }
-            terminate(&mut child).await;
+            terminate(&mut child, lifeline).await;
             tracing::info!(replica = %replica.addr, "replica stopped");
         }
         ended
@@ -522,20 +523,34 @@ impl ReplicaRun {
     }
 }
 
-/// SIGTERM to the child's process group, SIGKILL if it is still there after the grace.
-async fn terminate(child: &mut Child) {
+/// SIGTERM to the guard, which passes it to the command's group and kills the group after
+/// [`TERM_GRACE`]. Should the guard not end by then, closing `lifeline` makes it kill the
+/// group at once; failing that, the guard itself is killed.
+async fn terminate(child: &mut Child, lifeline: OwnedFd) {
     let Some(pid) = child.id() else {
         return; // already reaped
     };
-    let group = -(pid as i32);
-    // SAFETY: kill(2) with a negative pid signals the group the child leads.
-    unsafe { libc::kill(group, libc::SIGTERM) };
-    if tokio::time::timeout(TERM_GRACE, child.wait())
-        .await
-        .is_err()
-    {
-        unsafe { libc::kill(group, libc::SIGKILL) };
-        let _ = child.wait().await;
+    // SAFETY: kill(2) on the guard this replica started.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let patience = TERM_GRACE + Duration::from_secs(1);
+    if tokio::time::timeout(patience, child.wait()).await.is_err() {
+        drop(lifeline);
+        if tokio::time::timeout(patience, child.wait()).await.is_err() {
+            let _ = child.kill().await;
+        }
+    }
+}
+
+/// A pipe for a guard: the guard's end and scorefront's, both close-on-exec. The guard
+/// kills its replica when scorefront's end closes, however that happens.
+fn lifeline() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills `fds` with two new descriptors on success, owned from here on.
+    unsafe {
+        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok((OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])))
     }
 }
 
