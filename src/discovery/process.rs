@@ -18,7 +18,7 @@
 //! answers 200, withdrawn after three failed probes.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{Ipv4Addr, SocketAddr},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::PathBuf,
@@ -34,9 +34,9 @@ use tokio::{
     io::{AsyncBufReadExt, AsyncRead, BufReader},
     net::TcpStream,
     process::{Child, Command},
-    sync::{mpsc, watch},
+    sync::{Notify, mpsc, watch},
     task::JoinHandle,
-    time::{Instant, sleep},
+    time::{Instant, sleep, sleep_until},
 };
 
 use super::{
@@ -48,12 +48,17 @@ use crate::{
     spec::{self, PORT_PLACEHOLDER, ReplicaSource},
 };
 
+/// The `User-Agent` of probes, so a model can tell them from scoring traffic.
+pub const PROBE_USER_AGENT: &str = "scorefront-probe";
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 const PROBE_WHILE_STARTING: Duration = Duration::from_millis(100);
 const PROBE_WHILE_READY: Duration = Duration::from_secs(1);
 const FAILED_PROBES_UNREADY: u32 = 3;
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How long a version's new command may take to have all its replicas ready before a
+/// warning says the rollout is stalled; the previous command's replicas serve meanwhile.
+const ROLLOUT_DEADLINE: Duration = Duration::from_secs(60);
 /// A replica that ran this long before exiting restarts without accumulated backoff.
 const STABLE_RUN: Duration = Duration::from_secs(30);
 
@@ -82,6 +87,12 @@ impl ProcessKey {
             source,
         }
     }
+
+    /// Whether the set runs local processes (a command template holds the port
+    /// placeholder; a list of addresses cannot).
+    pub fn is_command(&self) -> bool {
+        self.source.contains(PORT_PLACEHOLDER)
+    }
 }
 
 struct ReplicaTask {
@@ -89,15 +100,15 @@ struct ReplicaTask {
     join: JoinHandle<()>,
     /// The replica the task runs now, if any: scaling down stops the least busy.
     replica: watch::Receiver<Option<Arc<Replica>>>,
+    /// Whether that replica is ready.
+    ready: watch::Receiver<bool>,
 }
 
 impl ReplicaTask {
     fn in_flight(&self) -> u32 {
         self.replica.borrow().as_ref().map_or(0, |r| r.in_flight())
     }
-}
 
-impl ReplicaTask {
     fn retire(self) -> JoinHandle<()> {
         let _ = self.stop.send(true);
         self.join
@@ -111,15 +122,32 @@ pub struct Scale {
     pub replicas: u32,
 }
 
+/// A version: `(endpoint, version)`.
+type VersionKey = (String, String);
+
+/// The replicas of a version's previous command, serving until those of its new command
+/// are all ready.
+struct Rollout {
+    old: ProcessKey,
+    tasks: Vec<ReplicaTask>,
+    /// When a new command still not ready is reported as stalled (once).
+    stalled_at: Option<Instant>,
+}
+
 /// Starts and stops replica tasks to match the definitions the index publishes, with the
 /// counts of autoscaled sets from the autoscaler. Owned by its task ([`Supervisor::run`]);
 /// it reports replicas to the index as events.
 pub struct Supervisor {
     workdir: PathBuf,
-    /// Whether fixed addresses are probed (and routable only while they pass).
-    probe_fixed: bool,
+    /// Whether fixed addresses are routable only once a probe passed (a sidecar router),
+    /// rather than from the start until probes fail.
+    require_ready: bool,
     events: mpsc::UnboundedSender<Event>,
     sets: HashMap<ProcessKey, Vec<ReplicaTask>>,
+    /// Versions whose command changed and whose new replicas are not all ready yet.
+    rollouts: HashMap<VersionKey, Rollout>,
+    /// Told when a local replica's readiness changes, for the rollouts.
+    readiness: Arc<Notify>,
     /// Tasks told to stop, still draining or terminating their process.
     retiring: Vec<JoinHandle<()>>,
     /// The count the autoscaler last asked for, per autoscaled set.
@@ -127,12 +155,18 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    pub fn new(workdir: PathBuf, probe_fixed: bool, events: mpsc::UnboundedSender<Event>) -> Self {
+    pub fn new(
+        workdir: PathBuf,
+        require_ready: bool,
+        events: mpsc::UnboundedSender<Event>,
+    ) -> Self {
         Supervisor {
             workdir,
-            probe_fixed,
+            require_ready,
             events,
             sets: HashMap::new(),
+            rollouts: HashMap::new(),
+            readiness: Arc::new(Notify::new()),
             retiring: Vec::new(),
             scaled: HashMap::new(),
         }
@@ -149,6 +183,7 @@ impl Supervisor {
         let mut current = definitions.borrow_and_update().clone();
         self.reconcile(&current);
         loop {
+            let stalled_at = (self.rollouts.values()).filter_map(|r| r.stalled_at).min();
             tokio::select! {
                 Ok(()) = definitions.changed() => {
                     current = definitions.borrow_and_update().clone();
@@ -156,6 +191,8 @@ impl Supervisor {
                 Some(Scale { key, replicas }) = scale.recv() => {
                     self.scaled.insert(key, replicas);
                 }
+                () = self.readiness.notified() => {}
+                () = sleep_until(stalled_at.unwrap_or_else(Instant::now)), if stalled_at.is_some() => {}
                 () = crate::until_true(&mut stop) => break,
             }
             self.reconcile(&current);
@@ -176,14 +213,27 @@ impl Supervisor {
                         };
                         Want::Processes(count as usize)
                     }
-                    ReplicaSource::Fixed(addrs) if self.probe_fixed => Want::Probes(addrs.clone()),
-                    _ => continue,
+                    ReplicaSource::Fixed(addrs) => Want::Probes(addrs.clone()),
+                    ReplicaSource::Service(_) => continue,
                 };
                 wanted.insert(ProcessKey::of(ep, v), (what, v.scoring_timeout));
             }
         }
         self.retiring.retain(|j| !j.is_finished());
         self.scaled.retain(|k, _| wanted.contains_key(k));
+        let commands: HashSet<VersionKey> = (wanted.iter())
+            .filter(|(_, (what, _))| matches!(what, Want::Processes(_)))
+            .map(|(k, _)| (k.endpoint.clone(), k.version.clone()))
+            .collect();
+        // A command changed back while its successor was starting serves on as it was.
+        let back: Vec<VersionKey> = (self.rollouts.iter())
+            .filter(|(_, r)| wanted.contains_key(&r.old))
+            .map(|(v, _)| v.clone())
+            .collect();
+        for version in back {
+            let rollout = self.rollouts.remove(&version).expect("listed");
+            self.sets.insert(rollout.old, rollout.tasks);
+        }
         let stale: Vec<ProcessKey> = self
             .sets
             .keys()
@@ -191,14 +241,40 @@ impl Supervisor {
             .cloned()
             .collect();
         for key in stale {
+            let tasks = self.sets.remove(&key).unwrap_or_default();
+            let version = (key.endpoint.clone(), key.version.clone());
+            let successor = commands.contains(&version);
+            let serving = tasks.iter().any(|t| *t.ready.borrow());
+            if successor && serving && !self.rollouts.contains_key(&version) {
+                // Make before break: the old command serves until the new one is ready.
+                tracing::info!(
+                    endpoint = key.endpoint,
+                    version = key.version,
+                    "command changed; the current replicas serve until the new ones are ready"
+                );
+                let stalled_at = Some(Instant::now() + ROLLOUT_DEADLINE);
+                self.rollouts.insert(
+                    version,
+                    Rollout {
+                        old: key,
+                        tasks,
+                        stalled_at,
+                    },
+                );
+                continue;
+            }
             tracing::info!(
                 endpoint = key.endpoint,
                 version = key.version,
                 "stopping replicas"
             );
-            for task in self.sets.remove(&key).unwrap_or_default() {
-                self.retiring.push(task.retire());
+            // With a rollout under way, the set it waits for is replaced: at most two
+            // generations run, the one serving and the newest.
+            if let Some(rollout) = self.rollouts.get_mut(&version) {
+                rollout.stalled_at = Some(Instant::now() + ROLLOUT_DEADLINE);
             }
+            self.retiring
+                .extend(tasks.into_iter().map(ReplicaTask::retire));
         }
         for (key, (what, drain)) in wanted {
             let set = self.sets.entry(key.clone()).or_default();
@@ -211,9 +287,11 @@ impl Supervisor {
                             let (stop, stop_rx) = watch::channel(false);
                             let replica = Arc::new(Replica::new(addr));
                             let (_, current) = watch::channel(Some(replica.clone()));
+                            let (_, ready) = watch::channel(false);
                             let join = tokio::spawn(probe_fixed(
                                 key.clone(),
                                 replica,
+                                self.require_ready,
                                 self.events.clone(),
                                 stop_rx,
                             ));
@@ -221,6 +299,7 @@ impl Supervisor {
                                 stop,
                                 join,
                                 replica: current,
+                                ready,
                             });
                         }
                     }
@@ -247,20 +326,58 @@ impl Supervisor {
             while set.len() < count {
                 let (stop, stop_rx) = watch::channel(false);
                 let (current, replica) = watch::channel(None);
+                let (ready_tx, ready) = watch::channel(false);
                 let run = ReplicaRun {
                     key: key.clone(),
                     workdir: self.workdir.clone(),
                     events: self.events.clone(),
                     drain,
                     current,
+                    ready: ready_tx,
+                    readiness: self.readiness.clone(),
                 };
                 let join = tokio::spawn(run.run(stop_rx));
                 set.push(ReplicaTask {
                     stop,
                     join,
                     replica,
+                    ready,
                 });
             }
+            let version = (key.endpoint.clone(), key.version.clone());
+            let Some(rollout) = self.rollouts.get_mut(&version) else {
+                continue;
+            };
+            let ready = set.iter().filter(|t| *t.ready.borrow()).count();
+            if ready >= count {
+                tracing::info!(
+                    endpoint = key.endpoint,
+                    version = key.version,
+                    "the new command's replicas are ready; stopping the previous command's"
+                );
+                let rollout = self.rollouts.remove(&version).expect("found");
+                self.retiring
+                    .extend(rollout.tasks.into_iter().map(ReplicaTask::retire));
+            } else if rollout.stalled_at.is_some_and(|at| at <= Instant::now()) {
+                tracing::warn!(
+                    endpoint = key.endpoint,
+                    version = key.version,
+                    ready,
+                    wanted = count,
+                    "the new command's replicas are still not ready after {ROLLOUT_DEADLINE:?}; \
+                     the previous command's replicas keep serving until they are, or until \
+                     the command changes again: `{}`",
+                    key.source
+                );
+                rollout.stalled_at = None;
+            }
+        }
+        // A version removed, or no longer run from a command, has nothing to wait for.
+        let (rolling, done) = (self.rollouts.drain()).partition(|(v, _)| commands.contains(v));
+        self.rollouts = rolling;
+        for (_, rollout) in done {
+            self.retiring
+                .extend(rollout.tasks.into_iter().map(ReplicaTask::retire));
         }
     }
 
@@ -270,6 +387,7 @@ impl Supervisor {
             .sets
             .drain()
             .flat_map(|(_, set)| set)
+            .chain(self.rollouts.drain().flat_map(|(_, r)| r.tasks))
             .map(ReplicaTask::retire)
             .chain(self.retiring.drain(..))
             .collect();
@@ -324,10 +442,13 @@ impl Health {
 }
 
 /// Probes the fixed replica `addr` until `stop` turns true, reporting each change of its
-/// readiness.
+/// readiness. With `require_ready` it starts unready and a probe passes on 200 (a model
+/// that must be seen to answer); else it starts ready (as the index publishes it) and a
+/// probe passes on any answer below 500 (a backend that is up).
 async fn probe_fixed(
     key: ProcessKey,
     replica: Arc<Replica>,
+    require_ready: bool,
     events: mpsc::UnboundedSender<Event>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -339,9 +460,17 @@ async fn probe_fixed(
             ready,
         });
     };
-    let mut health = Health::default();
+    let mut health = Health {
+        ready: !require_ready,
+        failures: 0,
+    };
     loop {
-        if let Some(ready) = health.observe(probe(addr).await) {
+        let passed = match probe(addr).await {
+            Some(status) if require_ready => status == http::StatusCode::OK,
+            Some(status) => !status.is_server_error(),
+            None => false,
+        };
+        if let Some(ready) = health.observe(passed) {
             if ready {
                 tracing::info!(endpoint = key.endpoint, version = key.version, replica = %addr, "replica ready");
             } else {
@@ -365,6 +494,9 @@ struct ReplicaRun {
     drain: Duration,
     /// The replica running now, for the supervisor.
     current: watch::Sender<Option<Arc<Replica>>>,
+    /// Whether it is ready, for the supervisor, which `readiness` wakes up.
+    ready: watch::Sender<bool>,
+    readiness: Arc<Notify>,
 }
 
 enum Ended {
@@ -485,7 +617,8 @@ impl ReplicaRun {
                 () = crate::until_true(stop) => break Ended::Stopped,
                 () = sleep(health.every()) => {}
             }
-            match health.observe(probe(replica.addr).await) {
+            let passed = probe(replica.addr).await == Some(http::StatusCode::OK);
+            match health.observe(passed) {
                 Some(true) => tracing::info!(
                     endpoint = self.key.endpoint,
                     version = self.key.version,
@@ -515,6 +648,8 @@ impl ReplicaRun {
     }
 
     fn report(&self, replica: &Arc<Replica>, ready: bool) {
+        self.ready.send_replace(ready);
+        self.readiness.notify_one();
         let _ = self.events.send(Event::Replica {
             key: self.key.clone(),
             replica: replica.clone(),
@@ -554,8 +689,8 @@ fn lifeline() -> std::io::Result<(OwnedFd, OwnedFd)> {
     }
 }
 
-/// Whether `GET /` answers 200 within the probe timeout.
-pub async fn probe(addr: SocketAddr) -> bool {
+/// The status `GET /` answers with within the probe timeout, if any.
+async fn probe(addr: SocketAddr) -> Option<http::StatusCode> {
     let attempt = async {
         let stream = TcpStream::connect(addr).await.ok()?;
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -564,15 +699,12 @@ pub async fn probe(addr: SocketAddr) -> bool {
         tokio::spawn(conn);
         let req = http::Request::get("/")
             .header(http::header::HOST, addr.to_string())
+            .header(http::header::USER_AGENT, PROBE_USER_AGENT)
             .body(Empty::<Bytes>::new())
             .ok()?;
-        let resp = send.send_request(req).await.ok()?;
-        Some(resp.status() == http::StatusCode::OK)
+        Some(send.send_request(req).await.ok()?.status())
     };
-    matches!(
-        tokio::time::timeout(PROBE_TIMEOUT, attempt).await,
-        Ok(Some(true))
-    )
+    tokio::time::timeout(PROBE_TIMEOUT, attempt).await.ok()?
 }
 
 async fn forward_output(out: Box<dyn AsyncRead + Send + Unpin>, key: ProcessKey, port: u16) {
