@@ -140,15 +140,30 @@ async fn only_generation_answers(url: &str, name: &str, n: usize) -> HashSet<i32
     .await
 }
 
+/// Scores until both replicas of generation `one` answered (a 503 is fine while they
+/// start); returns their pids.
+async fn both_replicas_answer(url: &str) -> HashSet<i32> {
+    let mut pids = HashSet::new();
+    let deadline = Deadline::new("both first replicas to answer", Patience::LONG);
+    while pids.len() < 2 {
+        let (status, body) = score_once(url).await;
+        if status == 200 {
+            let (generation, pid) = answer_of(&body);
+            assert_eq!(generation, "one");
+            pids.insert(pid);
+        }
+        if pids.len() < 2 {
+            deadline.tick().await;
+        }
+    }
+    pids
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_command_replaces_replicas_without_failing_a_request() {
     let router = Router::start(&command_endpoint(&generation("one"))).await;
     let url = router.url("/api/v1/service/fraud/score");
-    let old = eventually("both first replicas to answer", Patience::LONG, || async {
-        let pids = only_generation_answers(&url, "one", 10).await;
-        (pids.len() == 2).then_some(pids)
-    })
-    .await;
+    let old = both_replicas_answer(&url).await;
 
     let load = Load::start(&url);
     router.reload(&command_endpoint(&generation("two"))).await;
@@ -174,11 +189,7 @@ async fn a_changed_command_replaces_replicas_without_failing_a_request() {
 async fn a_new_command_that_never_gets_ready_leaves_the_old_one_serving() {
     let router = Router::start(&command_endpoint(&generation("one"))).await;
     let url = router.url("/api/v1/service/fraud/score");
-    let old = eventually("both first replicas to answer", Patience::LONG, || async {
-        let pids = only_generation_answers(&url, "one", 10).await;
-        (pids.len() == 2).then_some(pids)
-    })
-    .await;
+    let old = both_replicas_answer(&url).await;
 
     // Each attempt leaves a line in `attempts`, then fails at once (unknown option).
     let broken = format!(

@@ -2,7 +2,11 @@
 //!
 //! It owns what is routable; it starts and stops nothing. The definitions it accepts are
 //! published on a watch channel for the process supervisor, which reports back the local
-//! replicas it runs as events like any other source.
+//! replicas it runs, and the health of fixed addresses, as events like any other source.
+//! A version's local replicas are the ready ones of every command set the supervisor
+//! reports (while a changed command rolls out, the previous command's and the new one's);
+//! its fixed addresses are routable from the start until their probes fail (only once a
+//! probe passed with `requireReadyReplicas`).
 //!
 //! It owns the identity of capacity: one [`VersionSlots`] per (endpoint, version), kept
 //! across reloads, so in-flight counts and queues survive a table swap; a version that
@@ -304,13 +308,7 @@ impl Index {
             }
         }
         let local = &self.local;
-        self.ready.retain(
-            |k, _| match local.get(&(k.endpoint.clone(), k.version.clone())) {
-                Some(None) => true,
-                Some(Some(current)) => current == k,
-                None => false,
-            },
-        );
+        self.ready.retain(|k, _| counts(local, k));
         self.services.clear();
         for ep in &endpoints {
             for v in &ep.versions {

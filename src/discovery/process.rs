@@ -1,21 +1,30 @@
 //! Local model replicas: processes scorefront starts from a version's `command`, probes,
-//! restarts and stops.
+//! restarts, replaces and stops; and the health checks of fixed replica addresses.
 //!
-//! Each replica is one task that owns one child process at a time. A child runs
-//! `sh -c "exec <command>"` with `{port}` replaced by a free loopback port, in its own
-//! process group, with `PR_SET_PDEATHSIG` so that it dies with scorefront even if
-//! scorefront is killed outright. (Processes the child starts itself, such as a
-//! gunicorn-style server's workers, are killed with its group when it exits or is
-//! stopped, but not yet when scorefront itself is killed outright.) A replica is ready
-//! when `GET /` answers 200 within the probe timeout (a port that only accepts TCP is not
-//! ready); three failed probes in a row make it unready; an exit restarts it with
-//! exponential backoff.
+//! Each replica is one task that owns one child process at a time: a guard (the
+//! `guard` module) running `sh -c "exec <command>"` with `{port}` replaced by a free
+//! loopback port. The guard puts the command in a process group of its own and kills that
+//! whole group (workers a gunicorn-style server started included) when the command exits,
+//! when the replica is stopped, and when scorefront is gone however it ended (exit,
+//! SIGKILL, abort): it watches a pipe only scorefront holds open, so no thread's life
+//! matters. A replica is ready when `GET /` answers 200 within the probe timeout (a port
+//! that only accepts TCP is not ready); three failed probes in a row make it unready; an
+//! exit restarts it with exponential backoff.
 //! Stopping a replica withdraws it from routing, waits for its requests to finish, then
-//! sends SIGTERM to its group and SIGKILL after a grace period.
+//! sends SIGTERM to its guard, which passes it on and sends SIGKILL after a grace period.
 //!
-//! When asked to (a router in front of its own model, whose readiness must mean the model
-//! answers), fixed replica addresses are probed the same way: routable once `GET /`
-//! answers 200, withdrawn after three failed probes.
+//! A changed `command` is a new set of replicas, started make-before-break: the previous
+//! command's replicas serve until the new set has all the replicas it wants ready, then
+//! are withdrawn, drain and stop. A new command that is still not ready after
+//! 60 s is logged as stalled, and the previous replicas keep serving (as a
+//! Deployment's old ReplicaSet does past its progress deadline) until it is ready or the
+//! command changes again. At most two sets run for a version: the one serving and the
+//! newest (a change during a rollout replaces the set being started).
+//!
+//! Fixed replica addresses are health-checked with the same probe: routable from the
+//! start, withdrawn after three failed probes (no answer, or a 5xx), back after one pass.
+//! A router in front of its own model (`readiness.requireReadyReplicas`), whose readiness
+//! must mean the model answers, routes to an address only once `GET /` answered 200.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -465,6 +474,11 @@ async fn probe_fixed(
         failures: 0,
     };
     loop {
+        // An address routable from the start is first probed after the usual interval.
+        tokio::select! {
+            () = crate::until_true(&mut stop) => return,
+            () = sleep(health.every()) => {}
+        }
         let passed = match probe(addr).await {
             Some(status) if require_ready => status == http::StatusCode::OK,
             Some(status) => !status.is_server_error(),
@@ -477,10 +491,6 @@ async fn probe_fixed(
                 tracing::warn!(replica = %addr, "replica failed {FAILED_PROBES_UNREADY} probes; not ready");
             }
             report(ready);
-        }
-        tokio::select! {
-            () = crate::until_true(&mut stop) => return,
-            () = sleep(health.every()) => {}
         }
     }
 }
