@@ -37,12 +37,14 @@ fn sample_model() -> String {
     path.display().to_string()
 }
 
-/// An endpoint `fraud` with one version `blue` of two replicas running `command`.
+/// An endpoint `fraud` with one version `blue` of two replicas running `command`. A
+/// request waits at most 50 ms for a replica, less than a replica takes to start: a
+/// version left without replicas while new ones start fails requests.
 fn command_endpoint(command: &str) -> String {
     let command = serde_json::to_string(command).unwrap(); // a valid YAML string
     endpoint(
         "fraud",
-        &format!("[{{name: blue, command: {command}, replicaCount: 2}}]"),
+        &format!("[{{name: blue, command: {command}, replicaCount: 2, maxRequestWaitTimeMs: 50}}]"),
     )
 }
 
