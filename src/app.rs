@@ -127,13 +127,13 @@ pub async fn start(config_path: &Path, listeners: Listeners) -> anyhow::Result<A
         None => None,
     };
 
-    let probe_fixed = config.readiness.require_ready_replicas;
-    let mut index = Index::new(proxy.clone(), probe_fixed);
+    let require_ready = config.readiness.require_ready_replicas;
+    let mut index = Index::new(proxy.clone(), require_ready);
     index.apply(Event::Endpoints(endpoints));
     let generation = index.generation();
     let (scale, scale_rx) = mpsc::unbounded_channel();
     let desired = watch::Sender::new(Arc::new(kubernetes::Desired::new()));
-    let supervisor = Supervisor::new(workdir, probe_fixed, events.clone());
+    let supervisor = Supervisor::new(workdir, require_ready, events.clone());
     let supervising = supervisor.run(index.definitions(), scale_rx, stop_rx.clone());
     let autoscaler = match (config.cluster_purpose, config.autoscaler.dry_run) {
         (ClusterPurpose::DevTest, _) => {

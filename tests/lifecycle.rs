@@ -213,6 +213,17 @@ impl Gated {
                 let svc = service_fn(move |req: Request<Incoming>| {
                     let (r, h, name, mut open) = (r.clone(), h.clone(), name.clone(), open.clone());
                     async move {
+                        if req
+                            .headers()
+                            .get(http::header::USER_AGENT)
+                            .is_some_and(|ua| {
+                                ua == scorefront::discovery::process::PROBE_USER_AGENT
+                            })
+                        {
+                            // Health probes are not traffic.
+                            let ok = Response::new(Full::new(Bytes::from("Healthy")));
+                            return Ok::<_, Infallible>(ok);
+                        }
                         r.fetch_add(1, SeqCst);
                         let gated = req.headers().contains_key("x-gate");
                         let _ = req.into_body().collect().await;

@@ -79,7 +79,14 @@ impl BodyRecorder {
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
                         let s = s.clone();
+                        let probe =
+                            (req.headers().get(http::header::USER_AGENT)).is_some_and(|ua| {
+                                ua == scorefront::discovery::process::PROBE_USER_AGENT
+                            });
                         async move {
+                            if probe {
+                                return Ok(Response::new(Full::new(Bytes::from("Healthy"))));
+                            }
                             let got = req
                                 .into_body()
                                 .collect()

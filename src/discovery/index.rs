@@ -2,7 +2,11 @@
 //!
 //! It owns what is routable; it starts and stops nothing. The definitions it accepts are
 //! published on a watch channel for the process supervisor, which reports back the local
-//! replicas it runs as events like any other source.
+//! replicas it runs, and the health of fixed addresses, as events like any other source.
+//! A version's local replicas are the ready ones of every command set the supervisor
+//! reports (while a changed command rolls out, the previous command's and the new one's);
+//! its fixed addresses are routable from the start until their probes fail (only once a
+//! probe passed with `requireReadyReplicas`).
 //!
 //! It owns the identity of capacity: one [`VersionSlots`] per (endpoint, version), kept
 //! across reloads, so in-flight counts and queues survive a table swap; a version that
@@ -129,10 +133,21 @@ fn sync_pods(
 /// A version: `(endpoint, version)`.
 type VersionKey = (String, String);
 
+/// Whether the reports of replica set `key` count, given the versions the supervisor
+/// reports on (see [`Index::local`]).
+fn counts(local: &HashMap<VersionKey, Option<ProcessKey>>, key: &ProcessKey) -> bool {
+    match local.get(&(key.endpoint.clone(), key.version.clone())) {
+        Some(None) => key.is_command(),
+        Some(Some(current)) => current == key,
+        None => false,
+    }
+}
+
 pub struct Index {
     proxy: Arc<Proxy>,
     slots: HashMap<VersionKey, Arc<VersionSlots>>,
-    /// Ready local replicas of each process set.
+    /// Ready local replicas, and routable fixed addresses, of each set the supervisor
+    /// runs or probes.
     ready: HashMap<ProcessKey, Vec<Arc<Replica>>>,
     /// The pods of every Service discovery reported, used by a version or not yet.
     pods: HashMap<ServiceKey, Arc<ServicePods>>,
@@ -142,12 +157,15 @@ pub struct Index {
     pod_replicas: HashMap<VersionKey, HashMap<SocketAddr, Arc<Replica>>>,
     /// Pods of each version withdrawn from routing ahead of their removal.
     withdrawn: HashMap<VersionKey, HashSet<SocketAddr>>,
-    /// Whether fixed addresses are routable only while their probes pass (the
-    /// supervisor probes them and reports them like local replicas).
-    probe_fixed: bool,
-    /// The replica sets the supervisor runs for the current definitions; events of
-    /// others are stale.
-    local: HashSet<ProcessKey>,
+    /// Whether fixed addresses are routable only once a probe passed, rather than from
+    /// the start until probes fail (the supervisor probes them either way and reports
+    /// them like local replicas).
+    require_ready: bool,
+    /// The versions whose replicas the supervisor reports, with the set whose reports
+    /// count: `None` for local processes, where every command's set counts (a previous
+    /// command's replicas serve until the new command's are ready, then report
+    /// themselves gone), or the key of the version's fixed addresses.
+    local: HashMap<VersionKey, Option<ProcessKey>>,
     /// The definitions in force, for the supervisor.
     definitions: watch::Sender<Arc<Vec<spec::Endpoint>>>,
     /// Counts published tables, for whoever wants to know a reload took effect.
@@ -155,8 +173,8 @@ pub struct Index {
 }
 
 impl Index {
-    /// With `probe_fixed`, fixed addresses are routable only while their probes pass.
-    pub fn new(proxy: Arc<Proxy>, probe_fixed: bool) -> Self {
+    /// With `require_ready`, fixed addresses are routable only once a probe passed.
+    pub fn new(proxy: Arc<Proxy>, require_ready: bool) -> Self {
         Index {
             proxy,
             slots: HashMap::new(),
@@ -165,8 +183,8 @@ impl Index {
             services: HashMap::new(),
             pod_replicas: HashMap::new(),
             withdrawn: HashMap::new(),
-            probe_fixed,
-            local: HashSet::new(),
+            require_ready,
+            local: HashMap::new(),
             definitions: watch::Sender::new(Arc::new(Vec::new())),
             generation: watch::Sender::new(0),
         }
@@ -189,16 +207,20 @@ impl Index {
                 replica,
                 ready,
             } => {
-                if !self.local.contains(&key) {
+                if !counts(&self.local, &key) {
                     return; // a replica of a set that has since been replaced
                 }
+                let version = (key.endpoint.clone(), key.version.clone());
                 let list = self.ready.entry(key.clone()).or_default();
-                list.retain(|r| !Arc::ptr_eq(r, &replica));
+                list.retain(|r| r.addr != replica.addr);
                 if ready {
                     list.push(replica);
                 }
-                if let Some(slots) = self.slots.get(&(key.endpoint.clone(), key.version.clone())) {
-                    slots.set_replicas(list.clone());
+                if key.is_command() && list.is_empty() {
+                    self.ready.remove(&key);
+                }
+                if let Some(slots) = self.slots.get(&version) {
+                    slots.set_replicas(self.local_replicas(&version));
                 }
             }
             Event::Pods { service, pods } => {
@@ -255,17 +277,38 @@ impl Index {
         routable
     }
 
+    /// The ready replicas of every set of `version` the supervisor reports.
+    fn local_replicas(&self, version: &VersionKey) -> Vec<Arc<Replica>> {
+        (self.ready.iter())
+            .filter(|(k, _)| (&k.endpoint, &k.version) == (&version.0, &version.1))
+            .flat_map(|(_, list)| list.iter().cloned())
+            .collect()
+    }
+
     fn set_endpoints(&mut self, endpoints: Vec<spec::Endpoint>) {
-        self.local = (endpoints.iter())
-            .flat_map(|ep| ep.versions.iter().map(move |v| (ep, v)))
-            .filter(|(_, v)| match v.replicas {
-                ReplicaSource::Command { .. } => true,
-                ReplicaSource::Fixed(_) => self.probe_fixed,
-                ReplicaSource::Service(_) => false,
-            })
-            .map(|(ep, v)| ProcessKey::of(ep, v))
-            .collect();
-        self.ready.retain(|k, _| self.local.contains(k));
+        self.local.clear();
+        for ep in &endpoints {
+            for v in &ep.versions {
+                let version = (ep.name.clone(), v.name.clone());
+                let key = ProcessKey::of(ep, v);
+                match &v.replicas {
+                    ReplicaSource::Command { .. } => {
+                        self.local.insert(version, None);
+                    }
+                    ReplicaSource::Fixed(addrs) => {
+                        if !self.require_ready && !self.ready.contains_key(&key) {
+                            // Routable from the start, until probes fail.
+                            let all = addrs.iter().map(|a| Arc::new(Replica::new(*a)));
+                            self.ready.insert(key.clone(), all.collect());
+                        }
+                        self.local.insert(version, Some(key));
+                    }
+                    ReplicaSource::Service(_) => {}
+                }
+            }
+        }
+        let local = &self.local;
+        self.ready.retain(|k, _| counts(local, k));
         self.services.clear();
         for ep in &endpoints {
             for v in &ep.versions {
@@ -294,14 +337,9 @@ impl Index {
                     None => VersionSlots::new(&v.name, v.slots_per_replica, v.max_pending),
                 };
                 slots.set_replicas(match &v.replicas {
-                    ReplicaSource::Fixed(addrs) if !self.probe_fixed => {
-                        addrs.iter().map(|a| Arc::new(Replica::new(*a))).collect()
+                    ReplicaSource::Fixed(_) | ReplicaSource::Command { .. } => {
+                        self.local_replicas(&id)
                     }
-                    ReplicaSource::Fixed(_) | ReplicaSource::Command { .. } => self
-                        .ready
-                        .get(&ProcessKey::of(ep, v))
-                        .cloned()
-                        .unwrap_or_default(),
                     ReplicaSource::Service(s) => {
                         let service = (s.namespace.clone(), s.service.clone());
                         self.pod_replicas_of(&service, &id, s.port.as_ref())

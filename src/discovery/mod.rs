@@ -5,6 +5,7 @@
 //! proxy.
 
 pub mod file;
+mod guard;
 pub mod index;
 pub mod kubernetes;
 pub mod process;

@@ -1,25 +1,35 @@
 //! Local model replicas: processes scorefront starts from a version's `command`, probes,
-//! restarts and stops.
+//! restarts, replaces and stops; and the health checks of fixed replica addresses.
 //!
-//! Each replica is one task that owns one child process at a time. A child runs
-//! `sh -c "exec <command>"` with `{port}` replaced by a free loopback port, in its own
-//! process group, with `PR_SET_PDEATHSIG` so that it dies with scorefront even if
-//! scorefront is killed outright. (Processes the child starts itself, such as a
-//! gunicorn-style server's workers, are killed with its group when it exits or is
-//! stopped, but not yet when scorefront itself is killed outright.) A replica is ready
-//! when `GET /` answers 200 within the probe timeout (a port that only accepts TCP is not
-//! ready); three failed probes in a row make it unready; an exit restarts it with
-//! exponential backoff.
+//! Each replica is one task that owns one child process at a time: a guard (the
+//! `guard` module) running `sh -c "exec <command>"` with `{port}` replaced by a free
+//! loopback port. The guard puts the command in a process group of its own and kills that
+//! whole group (workers a gunicorn-style server started included) when the command exits,
+//! when the replica is stopped, and when scorefront is gone however it ended (exit,
+//! SIGKILL, abort): it watches a pipe only scorefront holds open, so no thread's life
+//! matters. A replica is ready when `GET /` answers 200 within the probe timeout (a port
+//! that only accepts TCP is not ready); three failed probes in a row make it unready; an
+//! exit restarts it with exponential backoff.
 //! Stopping a replica withdraws it from routing, waits for its requests to finish, then
-//! sends SIGTERM to its group and SIGKILL after a grace period.
+//! sends SIGTERM to its guard, which passes it on and sends SIGKILL after a grace period.
 //!
-//! When asked to (a router in front of its own model, whose readiness must mean the model
-//! answers), fixed replica addresses are probed the same way: routable once `GET /`
-//! answers 200, withdrawn after three failed probes.
+//! A changed `command` is a new set of replicas, started make-before-break: the previous
+//! command's replicas serve until the new set has all the replicas it wants ready, then
+//! are withdrawn, drain and stop. A new command that is still not ready after
+//! 60 s is logged as stalled, and the previous replicas keep serving (as a
+//! Deployment's old ReplicaSet does past its progress deadline) until it is ready or the
+//! command changes again. At most two sets run for a version: the one serving and the
+//! newest (a change during a rollout replaces the set being started).
+//!
+//! Fixed replica addresses are health-checked with the same probe: routable from the
+//! start, withdrawn after three failed probes (no answer, or a 5xx), back after one pass.
+//! A router in front of its own model (`readiness.requireReadyReplicas`), whose readiness
+//! must mean the model answers, routes to an address only once `GET /` answered 200.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{Ipv4Addr, SocketAddr},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::PathBuf,
     process::Stdio,
     sync::Arc,
@@ -33,27 +43,33 @@ use tokio::{
     io::{AsyncBufReadExt, AsyncRead, BufReader},
     net::TcpStream,
     process::{Child, Command},
-    sync::{mpsc, watch},
+    sync::{Notify, mpsc, watch},
     task::JoinHandle,
-    time::{Instant, sleep},
+    time::{Instant, sleep, sleep_until},
 };
 
-use super::index::Event;
+use super::{
+    guard::{COMMAND_ENV, GUARD_ENV, TERM_GRACE},
+    index::Event,
+};
 use crate::{
     proxy::slots::Replica,
     spec::{self, PORT_PLACEHOLDER, ReplicaSource},
 };
 
+/// The `User-Agent` of probes, so a model can tell them from scoring traffic.
+pub const PROBE_USER_AGENT: &str = "scorefront-probe";
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 const PROBE_WHILE_STARTING: Duration = Duration::from_millis(100);
 const PROBE_WHILE_READY: Duration = Duration::from_secs(1);
 const FAILED_PROBES_UNREADY: u32 = 3;
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How long a version's new command may take to have all its replicas ready before a
+/// warning says the rollout is stalled; the previous command's replicas serve meanwhile.
+const ROLLOUT_DEADLINE: Duration = Duration::from_secs(60);
 /// A replica that ran this long before exiting restarts without accumulated backoff.
 const STABLE_RUN: Duration = Duration::from_secs(30);
-/// Time between SIGTERM and SIGKILL.
-const TERM_GRACE: Duration = Duration::from_secs(5);
 
 /// A set of identical replicas: same endpoint, version and source.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -80,6 +96,12 @@ impl ProcessKey {
             source,
         }
     }
+
+    /// Whether the set runs local processes (a command template holds the port
+    /// placeholder; a list of addresses cannot).
+    pub fn is_command(&self) -> bool {
+        self.source.contains(PORT_PLACEHOLDER)
+    }
 }
 
 struct ReplicaTask {
@@ -87,15 +109,15 @@ struct ReplicaTask {
     join: JoinHandle<()>,
     /// The replica the task runs now, if any: scaling down stops the least busy.
     replica: watch::Receiver<Option<Arc<Replica>>>,
+    /// Whether that replica is ready.
+    ready: watch::Receiver<bool>,
 }
 
 impl ReplicaTask {
     fn in_flight(&self) -> u32 {
         self.replica.borrow().as_ref().map_or(0, |r| r.in_flight())
     }
-}
 
-impl ReplicaTask {
     fn retire(self) -> JoinHandle<()> {
         let _ = self.stop.send(true);
         self.join
@@ -109,15 +131,32 @@ pub struct Scale {
     pub replicas: u32,
 }
 
+/// A version: `(endpoint, version)`.
+type VersionKey = (String, String);
+
+/// The replicas of a version's previous command, serving until those of its new command
+/// are all ready.
+struct Rollout {
+    old: ProcessKey,
+    tasks: Vec<ReplicaTask>,
+    /// When a new command still not ready is reported as stalled (once).
+    stalled_at: Option<Instant>,
+}
+
 /// Starts and stops replica tasks to match the definitions the index publishes, with the
 /// counts of autoscaled sets from the autoscaler. Owned by its task ([`Supervisor::run`]);
 /// it reports replicas to the index as events.
 pub struct Supervisor {
     workdir: PathBuf,
-    /// Whether fixed addresses are probed (and routable only while they pass).
-    probe_fixed: bool,
+    /// Whether fixed addresses are routable only once a probe passed (a sidecar router),
+    /// rather than from the start until probes fail.
+    require_ready: bool,
     events: mpsc::UnboundedSender<Event>,
     sets: HashMap<ProcessKey, Vec<ReplicaTask>>,
+    /// Versions whose command changed and whose new replicas are not all ready yet.
+    rollouts: HashMap<VersionKey, Rollout>,
+    /// Told when a local replica's readiness changes, for the rollouts.
+    readiness: Arc<Notify>,
     /// Tasks told to stop, still draining or terminating their process.
     retiring: Vec<JoinHandle<()>>,
     /// The count the autoscaler last asked for, per autoscaled set.
@@ -125,12 +164,18 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    pub fn new(workdir: PathBuf, probe_fixed: bool, events: mpsc::UnboundedSender<Event>) -> Self {
+    pub fn new(
+        workdir: PathBuf,
+        require_ready: bool,
+        events: mpsc::UnboundedSender<Event>,
+    ) -> Self {
         Supervisor {
             workdir,
-            probe_fixed,
+            require_ready,
             events,
             sets: HashMap::new(),
+            rollouts: HashMap::new(),
+            readiness: Arc::new(Notify::new()),
             retiring: Vec::new(),
             scaled: HashMap::new(),
         }
@@ -147,6 +192,7 @@ impl Supervisor {
         let mut current = definitions.borrow_and_update().clone();
         self.reconcile(&current);
         loop {
+            let stalled_at = (self.rollouts.values()).filter_map(|r| r.stalled_at).min();
             tokio::select! {
                 Ok(()) = definitions.changed() => {
                     current = definitions.borrow_and_update().clone();
@@ -154,6 +200,8 @@ impl Supervisor {
                 Some(Scale { key, replicas }) = scale.recv() => {
                     self.scaled.insert(key, replicas);
                 }
+                () = self.readiness.notified() => {}
+                () = sleep_until(stalled_at.unwrap_or_else(Instant::now)), if stalled_at.is_some() => {}
                 () = crate::until_true(&mut stop) => break,
             }
             self.reconcile(&current);
@@ -174,14 +222,27 @@ impl Supervisor {
                         };
                         Want::Processes(count as usize)
                     }
-                    ReplicaSource::Fixed(addrs) if self.probe_fixed => Want::Probes(addrs.clone()),
-                    _ => continue,
+                    ReplicaSource::Fixed(addrs) => Want::Probes(addrs.clone()),
+                    ReplicaSource::Service(_) => continue,
                 };
                 wanted.insert(ProcessKey::of(ep, v), (what, v.scoring_timeout));
             }
         }
         self.retiring.retain(|j| !j.is_finished());
         self.scaled.retain(|k, _| wanted.contains_key(k));
+        let commands: HashSet<VersionKey> = (wanted.iter())
+            .filter(|(_, (what, _))| matches!(what, Want::Processes(_)))
+            .map(|(k, _)| (k.endpoint.clone(), k.version.clone()))
+            .collect();
+        // A command changed back while its successor was starting serves on as it was.
+        let back: Vec<VersionKey> = (self.rollouts.iter())
+            .filter(|(_, r)| wanted.contains_key(&r.old))
+            .map(|(v, _)| v.clone())
+            .collect();
+        for version in back {
+            let rollout = self.rollouts.remove(&version).expect("listed");
+            self.sets.insert(rollout.old, rollout.tasks);
+        }
         let stale: Vec<ProcessKey> = self
             .sets
             .keys()
@@ -189,14 +250,40 @@ impl Supervisor {
             .cloned()
             .collect();
         for key in stale {
+            let tasks = self.sets.remove(&key).unwrap_or_default();
+            let version = (key.endpoint.clone(), key.version.clone());
+            let successor = commands.contains(&version);
+            let serving = tasks.iter().any(|t| *t.ready.borrow());
+            if successor && serving && !self.rollouts.contains_key(&version) {
+                // Make before break: the old command serves until the new one is ready.
+                tracing::info!(
+                    endpoint = key.endpoint,
+                    version = key.version,
+                    "command changed; the current replicas serve until the new ones are ready"
+                );
+                let stalled_at = Some(Instant::now() + ROLLOUT_DEADLINE);
+                self.rollouts.insert(
+                    version,
+                    Rollout {
+                        old: key,
+                        tasks,
+                        stalled_at,
+                    },
+                );
+                continue;
+            }
             tracing::info!(
                 endpoint = key.endpoint,
                 version = key.version,
                 "stopping replicas"
             );
-            for task in self.sets.remove(&key).unwrap_or_default() {
-                self.retiring.push(task.retire());
+            // With a rollout under way, the set it waits for is replaced: at most two
+            // generations run, the one serving and the newest.
+            if let Some(rollout) = self.rollouts.get_mut(&version) {
+                rollout.stalled_at = Some(Instant::now() + ROLLOUT_DEADLINE);
             }
+            self.retiring
+                .extend(tasks.into_iter().map(ReplicaTask::retire));
         }
         for (key, (what, drain)) in wanted {
             let set = self.sets.entry(key.clone()).or_default();
@@ -209,9 +296,11 @@ impl Supervisor {
                             let (stop, stop_rx) = watch::channel(false);
                             let replica = Arc::new(Replica::new(addr));
                             let (_, current) = watch::channel(Some(replica.clone()));
+                            let (_, ready) = watch::channel(false);
                             let join = tokio::spawn(probe_fixed(
                                 key.clone(),
                                 replica,
+                                self.require_ready,
                                 self.events.clone(),
                                 stop_rx,
                             ));
@@ -219,6 +308,7 @@ impl Supervisor {
                                 stop,
                                 join,
                                 replica: current,
+                                ready,
                             });
                         }
                     }
@@ -245,20 +335,58 @@ impl Supervisor {
             while set.len() < count {
                 let (stop, stop_rx) = watch::channel(false);
                 let (current, replica) = watch::channel(None);
+                let (ready_tx, ready) = watch::channel(false);
                 let run = ReplicaRun {
                     key: key.clone(),
                     workdir: self.workdir.clone(),
                     events: self.events.clone(),
                     drain,
                     current,
+                    ready: ready_tx,
+                    readiness: self.readiness.clone(),
                 };
                 let join = tokio::spawn(run.run(stop_rx));
                 set.push(ReplicaTask {
                     stop,
                     join,
                     replica,
+                    ready,
                 });
             }
+            let version = (key.endpoint.clone(), key.version.clone());
+            let Some(rollout) = self.rollouts.get_mut(&version) else {
+                continue;
+            };
+            let ready = set.iter().filter(|t| *t.ready.borrow()).count();
+            if ready >= count {
+                tracing::info!(
+                    endpoint = key.endpoint,
+                    version = key.version,
+                    "the new command's replicas are ready; stopping the previous command's"
+                );
+                let rollout = self.rollouts.remove(&version).expect("found");
+                self.retiring
+                    .extend(rollout.tasks.into_iter().map(ReplicaTask::retire));
+            } else if rollout.stalled_at.is_some_and(|at| at <= Instant::now()) {
+                tracing::warn!(
+                    endpoint = key.endpoint,
+                    version = key.version,
+                    ready,
+                    wanted = count,
+                    "the new command's replicas are still not ready after {ROLLOUT_DEADLINE:?}; \
+                     the previous command's replicas keep serving until they are, or until \
+                     the command changes again: `{}`",
+                    key.source
+                );
+                rollout.stalled_at = None;
+            }
+        }
+        // A version removed, or no longer run from a command, has nothing to wait for.
+        let (rolling, done) = (self.rollouts.drain()).partition(|(v, _)| commands.contains(v));
+        self.rollouts = rolling;
+        for (_, rollout) in done {
+            self.retiring
+                .extend(rollout.tasks.into_iter().map(ReplicaTask::retire));
         }
     }
 
@@ -268,6 +396,7 @@ impl Supervisor {
             .sets
             .drain()
             .flat_map(|(_, set)| set)
+            .chain(self.rollouts.drain().flat_map(|(_, r)| r.tasks))
             .map(ReplicaTask::retire)
             .chain(self.retiring.drain(..))
             .collect();
@@ -322,10 +451,13 @@ impl Health {
 }
 
 /// Probes the fixed replica `addr` until `stop` turns true, reporting each change of its
-/// readiness.
+/// readiness. With `require_ready` it starts unready and a probe passes on 200 (a model
+/// that must be seen to answer); else it starts ready (as the index publishes it) and a
+/// probe passes on any answer below 500 (a backend that is up).
 async fn probe_fixed(
     key: ProcessKey,
     replica: Arc<Replica>,
+    require_ready: bool,
     events: mpsc::UnboundedSender<Event>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -337,19 +469,28 @@ async fn probe_fixed(
             ready,
         });
     };
-    let mut health = Health::default();
+    let mut health = Health {
+        ready: !require_ready,
+        failures: 0,
+    };
     loop {
-        if let Some(ready) = health.observe(probe(addr).await) {
+        // An address routable from the start is first probed after the usual interval.
+        tokio::select! {
+            () = crate::until_true(&mut stop) => return,
+            () = sleep(health.every()) => {}
+        }
+        let passed = match probe(addr).await {
+            Some(status) if require_ready => status == http::StatusCode::OK,
+            Some(status) => !status.is_server_error(),
+            None => false,
+        };
+        if let Some(ready) = health.observe(passed) {
             if ready {
                 tracing::info!(endpoint = key.endpoint, version = key.version, replica = %addr, "replica ready");
             } else {
                 tracing::warn!(replica = %addr, "replica failed {FAILED_PROBES_UNREADY} probes; not ready");
             }
             report(ready);
-        }
-        tokio::select! {
-            () = crate::until_true(&mut stop) => return,
-            () = sleep(health.every()) => {}
         }
     }
 }
@@ -363,6 +504,9 @@ struct ReplicaRun {
     drain: Duration,
     /// The replica running now, for the supervisor.
     current: watch::Sender<Option<Arc<Replica>>>,
+    /// Whether it is ready, for the supervisor, which `readiness` wakes up.
+    ready: watch::Sender<bool>,
+    readiness: Arc<Notify>,
 }
 
 enum Ended {
@@ -376,9 +520,9 @@ impl ReplicaRun {
         while !*stop.borrow() {
             let started = Instant::now();
             match self.start() {
-                Ok((child, replica)) => {
+                Ok((child, lifeline, replica)) => {
                     self.current.send_replace(Some(replica.clone()));
-                    match self.supervise(child, &replica, &mut stop).await {
+                    match self.supervise(child, lifeline, &replica, &mut stop).await {
                         Ended::Stopped => return,
                         Ended::Exited(status) => {
                             if started.elapsed() >= STABLE_RUN {
@@ -409,14 +553,20 @@ impl ReplicaRun {
         }
     }
 
-    fn start(&self) -> std::io::Result<(Child, Arc<Replica>)> {
+    fn start(&self) -> std::io::Result<(Child, OwnedFd, Arc<Replica>)> {
         let port = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
             .local_addr()?
             .port();
         let command = self.key.source.replace(PORT_PLACEHOLDER, &port.to_string());
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c")
-            .arg(format!("exec {command}"))
+        let (guard_end, lifeline) = lifeline()?;
+        let guard_fd = guard_end.as_raw_fd();
+        // The guard (see [`super::guard`]) runs the command; the arguments only name it
+        // in process listings.
+        let mut cmd = Command::new("/proc/self/exe");
+        cmd.arg0("scorefront-replica-guard")
+            .arg(&command)
+            .env(GUARD_ENV, guard_fd.to_string())
+            .env(COMMAND_ENV, format!("exec {command}"))
             .current_dir(&self.workdir)
             .env("PORT", port.to_string())
             .env("SCOREFRONT_ENDPOINT", &self.key.endpoint)
@@ -424,19 +574,19 @@ impl ReplicaRun {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
             .process_group(0);
-        // SAFETY: the closure runs in the forked child before exec and only calls
-        // async-signal-safe functions (prctl, getppid, kill).
+        // SAFETY: the closure runs in the forked child before exec and only calls fcntl,
+        // which is async-signal-safe: the guard keeps its end of the pipe across exec.
         unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+            cmd.pre_exec(move || {
+                if libc::fcntl(guard_fd, libc::F_SETFD, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
             });
         }
         let mut child = cmd.spawn()?;
+        drop(guard_end);
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         for out in [
             child
@@ -457,28 +607,28 @@ impl ReplicaRun {
             endpoint = self.key.endpoint,
             version = self.key.version,
             replica = %addr,
-            pid = child.id(),
+            guard = child.id(),
             "replica started"
         );
-        Ok((child, Arc::new(Replica::new(addr))))
+        Ok((child, lifeline, Arc::new(Replica::new(addr))))
     }
 
     async fn supervise(
         &self,
         mut child: Child,
+        lifeline: OwnedFd,
         replica: &Arc<Replica>,
         stop: &mut watch::Receiver<bool>,
     ) -> Ended {
         let mut health = Health::default();
-        // The group the child leads (it was started as a group of its own).
-        let group = child.id();
         let ended = loop {
             tokio::select! {
                 status = child.wait() => break Ended::Exited(status),
                 () = crate::until_true(stop) => break Ended::Stopped,
                 () = sleep(health.every()) => {}
             }
-            match health.observe(probe(replica.addr).await) {
+            let passed = probe(replica.addr).await == Some(http::StatusCode::OK);
+            match health.observe(passed) {
                 Some(true) => tracing::info!(
                     endpoint = self.key.endpoint,
                     version = self.key.version,
@@ -496,24 +646,20 @@ impl ReplicaRun {
         if health.ready {
             self.report(replica, false);
         }
-        if let (Ended::Exited(_), Some(group)) = (&ended, group) {
-            // Workers the main process started (a gunicorn-style server's) would outlive
-            // it and hold the port or memory across restarts: the group goes with it.
-            // SAFETY: kill(2) with a negative pid signals the group the child led.
-            unsafe { libc::kill(-(group as i32), libc::SIGKILL) };
-        }
         if let Ended::Stopped = ended {
             let deadline = Instant::now() + self.drain;
             while replica.in_flight() > 0 && Instant::now() < deadline {
                 sleep(Duration::from_millis(10)).await;
             }
-            terminate(&mut child).await;
+            terminate(&mut child, lifeline).await;
             tracing::info!(replica = %replica.addr, "replica stopped");
         }
         ended
     }
 
     fn report(&self, replica: &Arc<Replica>, ready: bool) {
+        self.ready.send_replace(ready);
+        self.readiness.notify_one();
         let _ = self.events.send(Event::Replica {
             key: self.key.clone(),
             replica: replica.clone(),
@@ -522,25 +668,39 @@ impl ReplicaRun {
     }
 }
 
-/// SIGTERM to the child's process group, SIGKILL if it is still there after the grace.
-async fn terminate(child: &mut Child) {
+/// SIGTERM to the guard, which passes it to the command's group and kills the group after
+/// [`TERM_GRACE`]. Should the guard not end by then, closing `lifeline` makes it kill the
+/// group at once; failing that, the guard itself is killed.
+async fn terminate(child: &mut Child, lifeline: OwnedFd) {
     let Some(pid) = child.id() else {
         return; // already reaped
     };
-    let group = -(pid as i32);
-    // SAFETY: kill(2) with a negative pid signals the group the child leads.
-    unsafe { libc::kill(group, libc::SIGTERM) };
-    if tokio::time::timeout(TERM_GRACE, child.wait())
-        .await
-        .is_err()
-    {
-        unsafe { libc::kill(group, libc::SIGKILL) };
-        let _ = child.wait().await;
+    // SAFETY: kill(2) on the guard this replica started.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let patience = TERM_GRACE + Duration::from_secs(1);
+    if tokio::time::timeout(patience, child.wait()).await.is_err() {
+        drop(lifeline);
+        if tokio::time::timeout(patience, child.wait()).await.is_err() {
+            let _ = child.kill().await;
+        }
     }
 }
 
-/// Whether `GET /` answers 200 within the probe timeout.
-pub async fn probe(addr: SocketAddr) -> bool {
+/// A pipe for a guard: the guard's end and scorefront's, both close-on-exec. The guard
+/// kills its replica when scorefront's end closes, however that happens.
+fn lifeline() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills `fds` with two new descriptors on success, owned from here on.
+    unsafe {
+        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok((OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])))
+    }
+}
+
+/// The status `GET /` answers with within the probe timeout, if any.
+async fn probe(addr: SocketAddr) -> Option<http::StatusCode> {
     let attempt = async {
         let stream = TcpStream::connect(addr).await.ok()?;
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -549,15 +709,12 @@ pub async fn probe(addr: SocketAddr) -> bool {
         tokio::spawn(conn);
         let req = http::Request::get("/")
             .header(http::header::HOST, addr.to_string())
+            .header(http::header::USER_AGENT, PROBE_USER_AGENT)
             .body(Empty::<Bytes>::new())
             .ok()?;
-        let resp = send.send_request(req).await.ok()?;
-        Some(resp.status() == http::StatusCode::OK)
+        Some(send.send_request(req).await.ok()?.status())
     };
-    matches!(
-        tokio::time::timeout(PROBE_TIMEOUT, attempt).await,
-        Ok(Some(true))
-    )
+    tokio::time::timeout(PROBE_TIMEOUT, attempt).await.ok()?
 }
 
 async fn forward_output(out: Box<dyn AsyncRead + Send + Unpin>, key: ProcessKey, port: u16) {

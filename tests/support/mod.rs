@@ -128,6 +128,16 @@ async fn answer(
     name: String,
     req: Request<Incoming>,
 ) -> Result<Response<TestBody>, std::io::Error> {
+    if (req.headers().get(http::header::USER_AGENT))
+        .is_some_and(|ua| ua == scorefront::discovery::process::PROBE_USER_AGENT)
+    {
+        // Health probes are not traffic: a test counts and inspects scoring requests and
+        // their connections (a probe brings its own).
+        st.connections.fetch_sub(1, SeqCst);
+        return Ok(Response::new(BoxBody::new(Full::new(Bytes::from(
+            "Healthy",
+        )))));
+    }
     st.requests.fetch_add(1, SeqCst);
     let now = st.current.fetch_add(1, SeqCst) + 1;
     st.max_concurrent.fetch_max(now, SeqCst);
