@@ -55,6 +55,7 @@ pub struct Metrics {
     utilization: GaugeVec,
     desired_replicas: IntGaugeVec,
     scale_events: IntCounterVec,
+    pub clients: ClientMetrics,
     /// Serializes scrapes: each one resets and refills the gauges.
     scrape: Mutex<()>,
 }
@@ -232,8 +233,10 @@ impl Metrics {
                 &["endpoint", "version", "direction"],
             )
             .expect("valid counter"),
+            clients: ClientMetrics::new(),
             scrape: Mutex::new(()),
         };
+        m.clients.register(&m.registry);
         for c in [
             Box::new(m.requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(m.request_duration.clone()),
@@ -379,6 +382,62 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut out)
             .expect("text encoding to a Vec cannot fail");
         String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+// --- Client connections -------------------------------------------------------------
+
+/// Data plane connections from scoring clients, updated by the listeners as they happen.
+#[derive(Clone)]
+pub struct ClientMetrics {
+    /// Open client connections, over every data listener.
+    pub connections: IntGauge,
+    /// Times a listener reached `clients.maxConnections` and paused accepting.
+    pub connection_limit_reached: IntCounter,
+    /// Failed accepts (out of file descriptors and the like).
+    pub accept_errors: IntCounter,
+    /// Connections closed because the client read nothing for `clients.sendTimeoutMs`.
+    pub send_timeouts: IntCounter,
+}
+
+impl ClientMetrics {
+    fn new() -> Self {
+        let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid gauge");
+        let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid counter");
+        ClientMetrics {
+            connections: gauge(
+                "scorefront_client_connections",
+                "Open client connections on the data plane.",
+            ),
+            connection_limit_reached: counter(
+                "scorefront_client_connection_limit_reached_total",
+                "Times a data listener reached clients.maxConnections and paused accepting.",
+            ),
+            accept_errors: counter(
+                "scorefront_client_accept_errors_total",
+                "Failed accepts of client connections (such as out of file descriptors).",
+            ),
+            send_timeouts: counter(
+                "scorefront_client_send_timeouts_total",
+                "Client connections closed because the client read nothing for \
+                 clients.sendTimeoutMs.",
+            ),
+        }
+    }
+
+    fn register(&self, registry: &Registry) {
+        for c in [
+            &self.connection_limit_reached,
+            &self.accept_errors,
+            &self.send_timeouts,
+        ] {
+            registry
+                .register(Box::new(c.clone()))
+                .expect("metric names are unique");
+        }
+        registry
+            .register(Box::new(self.connections.clone()))
+            .expect("metric names are unique");
     }
 }
 
