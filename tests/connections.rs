@@ -489,6 +489,26 @@ async fn a_body_larger_than_the_buffer_streams_whole() {
     assert_eq!(echoed, "small");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_body_over_the_limit_within_the_buffer_is_413_before_any_slot() {
+    let model = Model::start("m").await;
+    let router = Router::start_with(
+        &router_config("maxRequestBodyBytes: 1000\n"),
+        &one_version("conn", &[model.addr], ""),
+    )
+    .await;
+    let chunks = vec![Bytes::from(vec![b'a'; 600]), Bytes::from(vec![b'b'; 600])];
+    let (parts, body) = send(
+        scoring("POST", &router.url("/api/v1/service/conn/score"))
+            .body(chunked(chunks, Duration::ZERO))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(parts.status, 413, "{body:?}");
+    assert_eq!(error_code(&body), "PayloadTooLarge");
+    assert_eq!(model.requests(), 0, "the model never sees it");
+}
+
 /// A request body, echoed back as the response body.
 struct Echo(Incoming);
 

@@ -26,7 +26,7 @@ use http::{
     HeaderValue, Request, Response, StatusCode, Uri, header::CONTENT_TYPE, uri::PathAndQuery,
 };
 use http_body_util::{LengthLimitError, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use tokio::time::Instant;
 
 use self::{
@@ -181,11 +181,17 @@ impl Proxy {
         let buffered = body
             .as_mut()
             .ok_or_else(|| ProxyError::Internal("request body already taken".into()))?;
-        self.buffer_body(buffered, limit).await?;
+        // A request with a body starts waiting for a slot once the start of its body is in.
+        let waiting = if buffered.is_end_stream() {
+            record.start
+        } else {
+            self.buffer_body(buffered, limit).await?;
+            Instant::now()
+        };
 
         let slot = version.slots.acquire(version.spec.max_wait).await?;
         let acquired = slot.taken_at();
-        record.queue_wait = Some(acquired - record.start);
+        record.queue_wait = Some(acquired - waiting);
 
         let body = body
             .take()
