@@ -526,3 +526,89 @@ impl hyper::body::Body for Echo {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Accept errors
+
+/// The real binary, limited to 64 file descriptors, under more connections than that:
+/// accepting fails with EMFILE, backs off 50 ms each time, counts every failure and logs
+/// at most one a second; once connections close it serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_accepting_backs_off_counts_and_logs_sparingly() {
+    use std::os::unix::process::CommandExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let (http, admin) = (unused_addr(), unused_addr());
+    std::fs::write(
+        dir.path().join("scorefront.yaml"),
+        format!(
+            "listen: {{http: '{http}', admin: '{admin}'}}\nendpoints: {{file: endpoints.yaml}}\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("endpoints.yaml"), "").unwrap();
+    let log_path = dir.path().join("scorefront.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_scorefront"));
+    command
+        .arg("serve")
+        .arg("--config")
+        .arg(dir.path().join("scorefront.yaml"))
+        .env("RUST_LOG", "warn")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    // SAFETY: setrlimit(2) only, between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 64,
+                rlim_max: 64,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = tokio::process::Command::from(command)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let metrics_url = format!("http://{admin}/metrics");
+    let scrape = || async {
+        let resp = client()
+            .request(Request::get(metrics_url.as_str()).body(body("")).unwrap())
+            .await
+            .ok()?;
+        let text = resp.into_body().collect().await.ok()?.to_bytes();
+        Some(String::from_utf8(text.to_vec()).unwrap())
+    };
+    eventually("the router to answer", Patience::LONG, scrape).await;
+
+    // More connections than descriptors: each accepted one waits in the preface sniff.
+    let mut clients = Vec::new();
+    for _ in 0..100 {
+        clients.push(TcpStream::connect(http).await.unwrap());
+    }
+    let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    until("an accept to fail", Patience::LONG, || {
+        read_log().contains("accept failed")
+    })
+    .await;
+    let failing_since = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    drop(clients);
+    let text = eventually("the router to answer again", Patience::LONG, scrape).await;
+    let elapsed = failing_since.elapsed();
+    let errors = metric(&text, "scorefront_client_accept_errors_total", &[]).unwrap();
+    let most = elapsed.as_secs_f64() / 0.05 + 4.0;
+    assert!(
+        errors >= 1.0 && errors <= most,
+        "{errors} accept errors in {elapsed:?}: a 50 ms backoff allows {most}"
+    );
+    let logged = read_log().matches("accept failed").count();
+    assert!(
+        logged as f64 <= elapsed.as_secs_f64() + 2.0,
+        "{logged} warnings in {elapsed:?}"
+    );
+    child.kill().await.unwrap();
+}
