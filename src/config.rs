@@ -545,6 +545,12 @@ mod tests {
         assert_eq!(cfg.clients, ClientsConfig::default());
         assert_eq!(cfg.clients.max_connections, 10_000);
         let err = RouterConfig::parse(
+            "endpoints: {file: x}\nclients: {maxConnections: 0}",
+            Path::new("r.yaml"),
+        )
+        .unwrap_err();
+        assert!(format!("{err}").contains("clients.maxConnections"), "{err}");
+        let err = RouterConfig::parse(
             "endpoints: {file: x}\nlisten: {htp: 1}",
             Path::new("r.yaml"),
         )
