@@ -109,6 +109,7 @@ pub async fn start(config_path: &Path, listeners: Listeners) -> anyhow::Result<A
         metrics,
         config.max_request_body_bytes,
         config.upstream,
+        config.clients,
         tokens,
     ));
     let ready = Arc::new(Readiness::new(config.readiness.require_ready_replicas));
@@ -165,6 +166,7 @@ pub async fn start(config_path: &Path, listeners: Listeners) -> anyhow::Result<A
     };
 
     let grace = config.grace_period();
+    let clients = config.clients;
     let watcher = Watcher {
         config_path: config_path.to_path_buf(),
         config,
@@ -222,6 +224,7 @@ pub async fn start(config_path: &Path, listeners: Listeners) -> anyhow::Result<A
                 listener,
                 tls,
                 proxy.clone(),
+                clients,
                 drain_rx.clone(),
                 grace,
             )));

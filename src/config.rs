@@ -45,6 +45,13 @@
 //!     consecutiveFailures: 5  # 0: never eject
 //!     baseEjectionTimeMs: 30000   # times the replica's ejections in a row
 //!     maxEjectionTimeMs: 300000
+//! clients:
+//!   maxConnections: 10000     # open data plane connections; at the limit, accepting pauses
+//!   headerReadTimeoutMs: 30000  # a request head (or the h2c preface) must arrive within
+//!   idleTimeoutMs: 60000      # connections with no request for this long are closed
+//!   sendTimeoutMs: 60000      # a client not reading its response for this long is cut
+//!   requestBufferBytes: 65536 # request body prefix read before a replica slot is taken
+//!   bodyReadTimeoutMs: 30000  # that prefix must arrive within this long, else 408
 //! ```
 
 use std::{
@@ -78,6 +85,8 @@ pub struct RouterConfig {
     pub reload_interval_ms: u64,
     #[serde(default)]
     pub upstream: UpstreamConfig,
+    #[serde(default)]
+    pub clients: ClientsConfig,
     pub tls: Option<TlsConfig>,
     #[serde(default)]
     pub auth: AuthConfig,
@@ -267,6 +276,70 @@ impl UpstreamConfig {
     }
 }
 
+/// Connections from scoring clients on the data plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClientsConfig {
+    /// Open client connections per data listener; at the limit the listener stops
+    /// accepting (new connections wait in the kernel's backlog) until one closes.
+    /// Default 10000.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// A client must send a request head (on the plain port, first the h2c preface or the
+    /// start of a head) within this long. For HTTP/1.1 the timer also runs while a
+    /// keep-alive connection waits for its next request. Default 30000.
+    #[serde(default = "default_header_read_ms")]
+    pub header_read_timeout_ms: u64,
+    /// A connection that carries no request for this long is closed (h2: with a GOAWAY).
+    /// Default 60000.
+    #[serde(default = "default_client_idle_ms")]
+    pub idle_timeout_ms: u64,
+    /// A connection the router cannot write to for this long (the client stopped reading)
+    /// is closed, and its requests release their replica slots. Default 60000.
+    #[serde(default = "default_send_ms")]
+    pub send_timeout_ms: u64,
+    /// Up to this much of a request body is read before a replica slot is taken, so a
+    /// slow upload holds no replica capacity; larger bodies stream on after it. 0: none.
+    /// Default 65536.
+    #[serde(default = "default_request_buffer")]
+    pub request_buffer_bytes: u64,
+    /// The buffered part of a request body must arrive within this long, else 408.
+    /// Default 30000.
+    #[serde(default = "default_body_read_ms")]
+    pub body_read_timeout_ms: u64,
+}
+
+impl Default for ClientsConfig {
+    fn default() -> Self {
+        ClientsConfig {
+            max_connections: default_max_connections(),
+            header_read_timeout_ms: default_header_read_ms(),
+            idle_timeout_ms: default_client_idle_ms(),
+            send_timeout_ms: default_send_ms(),
+            request_buffer_bytes: default_request_buffer(),
+            body_read_timeout_ms: default_body_read_ms(),
+        }
+    }
+}
+
+impl ClientsConfig {
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms)
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+
+    pub fn send_timeout(&self) -> Duration {
+        Duration::from_millis(self.send_timeout_ms)
+    }
+
+    pub fn body_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_read_timeout_ms)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Listen {
@@ -359,6 +432,24 @@ fn default_base_ejection_ms() -> u64 {
 fn default_max_ejection_ms() -> u64 {
     300_000
 }
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_header_read_ms() -> u64 {
+    30_000
+}
+fn default_client_idle_ms() -> u64 {
+    60_000
+}
+fn default_send_ms() -> u64 {
+    60_000
+}
+fn default_request_buffer() -> u64 {
+    64 * 1024
+}
+fn default_body_read_ms() -> u64 {
+    30_000
+}
 
 impl RouterConfig {
     /// Reads and checks the router config; the endpoints path comes back absolute.
@@ -377,6 +468,17 @@ impl RouterConfig {
             (
                 "upstream.outlierDetection.baseEjectionTimeMs",
                 cfg.upstream.outlier_detection.base_ejection_time_ms,
+            ),
+            ("clients.maxConnections", cfg.clients.max_connections as u64),
+            (
+                "clients.headerReadTimeoutMs",
+                cfg.clients.header_read_timeout_ms,
+            ),
+            ("clients.idleTimeoutMs", cfg.clients.idle_timeout_ms),
+            ("clients.sendTimeoutMs", cfg.clients.send_timeout_ms),
+            (
+                "clients.bodyReadTimeoutMs",
+                cfg.clients.body_read_timeout_ms,
             ),
         ] {
             if value == 0 {
@@ -508,6 +610,14 @@ mod tests {
         assert_eq!(cfg.grace_period(), Duration::from_secs(30));
         assert_eq!(cfg.listen.http.unwrap().port(), 8080);
         assert_eq!(cfg.listen.https, None);
+        assert_eq!(cfg.clients, ClientsConfig::default());
+        assert_eq!(cfg.clients.max_connections, 10_000);
+        let err = RouterConfig::parse(
+            "endpoints: {file: x}\nclients: {maxConnections: 0}",
+            Path::new("r.yaml"),
+        )
+        .unwrap_err();
+        assert!(format!("{err}").contains("clients.maxConnections"), "{err}");
         let err = RouterConfig::parse(
             "endpoints: {file: x}\nlisten: {htp: 1}",
             Path::new("r.yaml"),

@@ -44,6 +44,10 @@ pub enum ClientError {
     },
     #[error("request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: u64 },
+    #[error("the request body did not arrive within {timeout_ms} ms")]
+    RequestTimeout { timeout_ms: u64 },
+    #[error("the request body could not be read: {0}")]
+    BadRequestBody(String),
     #[error("header '{0}' is longer than 100 characters")]
     HeaderTooLarge(&'static str),
     #[error("request path is not /api/v1/service/{{name}}/... or /api/v1/endpoint/{{name}}/...")]
@@ -101,6 +105,8 @@ impl ProxyError {
                 | ClientError::BadPath => StatusCode::NOT_FOUND,
                 ClientError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
                 ClientError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                ClientError::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+                ClientError::BadRequestBody(_) => StatusCode::BAD_REQUEST,
                 ClientError::HeaderTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             },
             ProxyError::Capacity(CapacityError::TooManyPending { .. }) => {
@@ -122,6 +128,8 @@ impl ProxyError {
                 ClientError::NoRoute(_) => "NoRoute",
                 ClientError::Unauthorized { .. } => "Unauthorized",
                 ClientError::PayloadTooLarge { .. } => "PayloadTooLarge",
+                ClientError::RequestTimeout { .. } => "RequestTimeout",
+                ClientError::BadRequestBody(_) => "BadRequest",
                 ClientError::HeaderTooLarge(_) => "HeaderTooLarge",
             },
             ProxyError::Capacity(e) => match e {

@@ -59,6 +59,7 @@ pub struct Metrics {
     scale_events: IntCounterVec,
     outliers: OutlierMetrics,
     log_drops: LogDrops,
+    pub clients: ClientMetrics,
     /// Serializes scrapes: each one resets and refills the gauges.
     scrape: Mutex<()>,
 }
@@ -239,8 +240,10 @@ impl Metrics {
             .expect("valid counter"),
             outliers: OutlierMetrics::new(),
             log_drops: LogDrops::new(),
+            clients: ClientMetrics::new(),
             scrape: Mutex::new(()),
         };
+        m.clients.register(&m.registry);
         m.log_drops.register(&m.registry);
         for c in [
             Box::new(m.requests.clone()) as Box<dyn prometheus::core::Collector>,
@@ -489,6 +492,62 @@ impl LogDrops {
 }
 
 // --- End of the log writer's metrics. ---
+
+// --- Client connections -------------------------------------------------------------
+
+/// Data plane connections from scoring clients, updated by the listeners as they happen.
+#[derive(Clone)]
+pub struct ClientMetrics {
+    /// Open client connections, over every data listener.
+    pub connections: IntGauge,
+    /// Times a listener reached `clients.maxConnections` and paused accepting.
+    pub connection_limit_reached: IntCounter,
+    /// Failed accepts (out of file descriptors and the like).
+    pub accept_errors: IntCounter,
+    /// Connections closed because the client read nothing for `clients.sendTimeoutMs`.
+    pub send_timeouts: IntCounter,
+}
+
+impl ClientMetrics {
+    fn new() -> Self {
+        let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid gauge");
+        let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid counter");
+        ClientMetrics {
+            connections: gauge(
+                "scorefront_client_connections",
+                "Open client connections on the data plane.",
+            ),
+            connection_limit_reached: counter(
+                "scorefront_client_connection_limit_reached_total",
+                "Times a data listener reached clients.maxConnections and paused accepting.",
+            ),
+            accept_errors: counter(
+                "scorefront_client_accept_errors_total",
+                "Failed accepts of client connections (such as out of file descriptors).",
+            ),
+            send_timeouts: counter(
+                "scorefront_client_send_timeouts_total",
+                "Client connections closed because the client read nothing for \
+                 clients.sendTimeoutMs.",
+            ),
+        }
+    }
+
+    fn register(&self, registry: &Registry) {
+        for c in [
+            &self.connection_limit_reached,
+            &self.accept_errors,
+            &self.send_timeouts,
+        ] {
+            registry
+                .register(Box::new(c.clone()))
+                .expect("metric names are unique");
+        }
+        registry
+            .register(Box::new(self.connections.clone()))
+            .expect("metric names are unique");
+    }
+}
 
 /// Removes the series of `vec` whose labels `matches` accepts.
 fn remove_where<T: MetricVecBuilder>(

@@ -780,7 +780,8 @@ async fn a_content_length_over_the_limit_is_413_before_the_model_sees_anything()
 async fn a_chunked_body_growing_past_the_limit_is_413_and_never_reaches_the_model_whole() {
     let model = BodyRecorder::start().await;
     let router = Router::start_with(
-        &router_config("maxRequestBodyBytes: 1000\n"),
+        // No request buffering: the body is found too large while it streams.
+        &router_config("maxRequestBodyBytes: 1000\nclients: {requestBufferBytes: 0}\n"),
         &one_version("fraud", &[model.addr], ""),
     )
     .await;

@@ -5,6 +5,9 @@
 //! only after a complete body), the scoring deadline (which keeps running while the body
 //! streams), and the [`Record`] whose drop writes the access-log line and the metrics.
 //!
+//! A request body is read up to `clients.requestBufferBytes` before a replica slot is
+//! taken (see [`Buffered`]), so a slow upload waits without holding replica capacity.
+//!
 //! An answer of the router's own over h2 may also own the request body the client is
 //! still sending, and drain it before the answer ends (see [`Drain`]). Ending the answer
 //! first makes h2 reset the stream (with NO_ERROR, as RFC 9113 8.1 allows), and clients
@@ -13,6 +16,7 @@
 //! anyway, with that reset.
 
 use std::{
+    collections::VecDeque,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -22,6 +26,7 @@ use std::{
 use bytes::Bytes;
 use http::{Method, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
@@ -225,6 +230,82 @@ impl Drop for ProxyBody {
         if !complete && self.record.outcome.is_empty() {
             self.record.outcome = "client went away before the response body ended";
         }
+    }
+}
+
+/// A client's request body: the frames already read (before a slot was taken), then the
+/// rest of the stream. Frames are kept as they arrived, not copied; the size hint stays
+/// the client's, so a chunked body is forwarded chunked even when read whole.
+#[derive(Debug)]
+pub struct Buffered {
+    head: VecDeque<Frame<Bytes>>,
+    /// Data bytes in `head`.
+    head_len: u64,
+    rest: Incoming,
+}
+
+impl Buffered {
+    /// A body nothing has been read from yet.
+    pub fn unread(body: Incoming) -> Self {
+        Buffered {
+            head: VecDeque::new(),
+            head_len: 0,
+            rest: body,
+        }
+    }
+
+    /// Reads frames until the body ends or at least `max` data bytes are buffered. Safe
+    /// to cancel: a frame is kept once read, and the body stays whole.
+    pub async fn fill(&mut self, max: u64) -> Result<(), hyper::Error> {
+        while self.head_len < max && !self.rest.is_end_stream() {
+            let Some(frame) = self.rest.frame().await else {
+                break;
+            };
+            let frame = frame?;
+            self.head_len += frame.data_ref().map_or(0, |d| d.len() as u64);
+            self.head.push_back(frame);
+        }
+        Ok(())
+    }
+
+    /// Data bytes buffered and not yet handed out.
+    pub fn buffered(&self) -> u64 {
+        self.head_len
+    }
+
+    /// The part of the body not read yet.
+    pub fn into_rest(self) -> Incoming {
+        self.rest
+    }
+}
+
+impl Body for Buffered {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let Some(frame) = self.head.pop_front() {
+            self.head_len -= frame.data_ref().map_or(0, |d| d.len() as u64);
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.head.is_empty() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let rest = self.rest.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower() + self.head_len);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + self.head_len);
+        }
+        hint
     }
 }
 

@@ -21,8 +21,9 @@ use hyper::{body::Incoming, client::conn::http1};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-/// Request body sent upstream: the client's body under the size limit.
-pub type RequestBody = http_body_util::Limited<Incoming>;
+/// Request body sent upstream: the client's body (its buffered start, then the rest)
+/// under the size limit.
+pub type RequestBody = http_body_util::Limited<super::body::Buffered>;
 /// One HTTP/1.1 connection to a replica, ready for (at most) one request at a time.
 pub type Conn = http1::SendRequest<RequestBody>;
 

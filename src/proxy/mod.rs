@@ -1,7 +1,7 @@
 //! The data plane: one request, top to bottom.
 //!
 //! [`Proxy::handle`] runs the phases of DESIGN.md 2 in order (ids, endpoint, auth, version,
-//! slot, forward); each phase either moves on or ends the request with one
+//! body buffering, slot, forward); each phase either moves on or ends the request with one
 //! [`ProxyError`]. The routing table is read lock-free from an [`ArcSwap`] that the index
 //! replaces whole.
 
@@ -26,18 +26,18 @@ use http::{
     HeaderValue, Request, Response, StatusCode, Uri, header::CONTENT_TYPE, uri::PathAndQuery,
 };
 use http_body_util::{LengthLimitError, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use tokio::time::Instant;
 
 use self::{
-    body::{DRAIN_MAX_BYTES, ProxyBody, Record, Upstream},
+    body::{Buffered, DRAIN_MAX_BYTES, ProxyBody, Record, Upstream},
     forward::{RequestBody, SendError},
     headers::RequestIds,
     slots::Slot,
     table::{RoutingTable, VersionRoute},
 };
 use crate::{
-    config::UpstreamConfig,
+    config::{ClientsConfig, UpstreamConfig},
     error::{ClientError, ProxyError, UpstreamError},
     metrics::Metrics,
     token::Verifier,
@@ -49,6 +49,8 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
     max_body: AtomicU64,
     upstream: UpstreamConfig,
+    /// How much of a request body is read before a slot is taken, and how fast.
+    clients: ClientsConfig,
     /// Token issuers for `authMode: token` endpoints; fixed for the process's life.
     tokens: Arc<Verifier>,
 }
@@ -66,6 +68,7 @@ impl Proxy {
         metrics: Arc<Metrics>,
         max_body: u64,
         upstream: UpstreamConfig,
+        clients: ClientsConfig,
         tokens: Arc<Verifier>,
     ) -> Self {
         Proxy {
@@ -73,6 +76,7 @@ impl Proxy {
             metrics,
             max_body: AtomicU64::new(max_body),
             upstream,
+            clients,
             tokens,
         }
     }
@@ -105,7 +109,7 @@ impl Proxy {
         // `body::Drain`), unless it is declared too large to finish within the bound.
         let drainable = parts.version == http::Version::HTTP_2
             && content_length(&parts.headers).is_none_or(|n| n <= DRAIN_MAX_BYTES);
-        let mut body = Some(body);
+        let mut body = Some(Buffered::unread(body));
         let mut record = Record {
             metrics: self.metrics.clone(),
             start: Instant::now(),
@@ -128,7 +132,11 @@ impl Proxy {
                 record.status = parts.status;
                 Response::from_parts(parts, ProxyBody::upstream(body, upstream, record))
             }
-            Err(err) => error_response(err, record, body.filter(|_| drainable)),
+            Err(err) => error_response(
+                err,
+                record,
+                body.map(Buffered::into_rest).filter(|_| drainable),
+            ),
         }
     }
 
@@ -137,7 +145,7 @@ impl Proxy {
     async fn process(
         &self,
         mut parts: http::request::Parts,
-        body: &mut Option<Incoming>,
+        body: &mut Option<Buffered>,
         client: ClientInfo,
         record: &mut Record,
     ) -> Result<(Response<Incoming>, Upstream), ProxyError> {
@@ -170,10 +178,20 @@ impl Proxy {
         if content_length(&parts.headers).is_some_and(|n| n > limit) {
             return Err(ClientError::PayloadTooLarge { limit }.into());
         }
+        let buffered = body
+            .as_mut()
+            .ok_or_else(|| ProxyError::Internal("request body already taken".into()))?;
+        // A request with a body starts waiting for a slot once the start of its body is in.
+        let waiting = if buffered.is_end_stream() {
+            record.start
+        } else {
+            self.buffer_body(buffered, limit).await?;
+            Instant::now()
+        };
 
         let slot = version.slots.acquire(version.spec.max_wait).await?;
         let acquired = slot.taken_at();
-        record.queue_wait = Some(acquired - record.start);
+        record.queue_wait = Some(acquired - waiting);
 
         let body = body
             .take()
@@ -197,6 +215,24 @@ impl Proxy {
             acquired,
         )
         .await
+    }
+
+    /// Reads the start of the request body (all of a small one) before a slot is taken,
+    /// within the body read timeout.
+    async fn buffer_body(&self, body: &mut Buffered, limit: u64) -> Result<(), ClientError> {
+        let timeout = self.clients.body_read_timeout();
+        let max = self
+            .clients
+            .request_buffer_bytes
+            .min(limit.saturating_add(1));
+        match tokio::time::timeout(timeout, body.fill(max)).await {
+            Err(_) => Err(ClientError::RequestTimeout {
+                timeout_ms: timeout.as_millis() as u64,
+            }),
+            Ok(Err(e)) => Err(ClientError::BadRequestBody(e.to_string())),
+            Ok(Ok(())) if body.buffered() > limit => Err(ClientError::PayloadTooLarge { limit }),
+            Ok(Ok(())) => Ok(()),
+        }
     }
 }
 

@@ -1,31 +1,51 @@
 //! Listeners: the data plane (HTTP/1.1 and h2c, or both over TLS) and the admin port.
 //!
-//! The caller binds every listener (tests bind port 0). Each accepted connection is
-//! watched by a [`GracefulShutdown`], so shutdown stops accepting, lets in-flight requests
-//! finish, and closes idle keep-alive connections.
+//! The caller binds every listener (tests bind port 0). Each listener holds at most
+//! `clients.maxConnections` open connections: at the limit it stops accepting, so new
+//! connections wait in the kernel's backlog until one closes. Every accepted connection is
+//! served in its own task by [`drive`], which closes it gracefully (h2: with a GOAWAY)
+//! when the router drains or when it has carried no request for `clients.idleTimeoutMs`;
+//! a client that stops reading is cut by [`ClientIo`] after `clients.sendTimeoutMs`.
+//! Shutdown stops accepting, lets in-flight requests finish within the grace period, and
+//! closes idle keep-alive connections.
 
 pub mod admin;
 pub mod tls;
 
-use std::{convert::Infallible, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    io,
+    pin::{Pin, pin},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst},
+    },
+    task::{Context, Poll, ready},
+    time::Duration,
+};
 
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
 use hyper::server::conn::{http1, http2};
 use hyper::{Request, body::Incoming, service::service_fn};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::graceful::{GracefulShutdown, Watcher},
+    server::graceful::GracefulConnection,
 };
+use prometheus::{IntCounter, IntGauge};
 use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::watch,
+    sync::{OwnedSemaphorePermit, Semaphore, watch},
     task::JoinSet,
+    time::{Instant, Sleep},
 };
 use tokio_rustls::TlsAcceptor;
 
-use crate::proxy::{ClientInfo, Proxy};
-
-/// A client that sends no complete request head within this long is disconnected.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+use crate::{
+    config::ClientsConfig,
+    proxy::{ClientInfo, Proxy, body::ProxyBody},
+};
 
 /// The HTTP/1.1 and HTTP/2 settings of scoring connections. A connection's protocol is
 /// known before it is served (ALPN over TLS, the h2 preface on the plain port), so each
@@ -33,61 +53,303 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 struct Builders {
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
+    /// How long a connection may carry no request.
+    idle_timeout: Duration,
 }
 
 impl Builders {
-    fn new() -> Self {
+    fn new(clients: &ClientsConfig) -> Self {
         let mut h1 = http1::Builder::new();
+        // hyper runs this timer from the moment a connection waits for a request head,
+        // including between requests on a keep-alive connection.
         h1.timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .header_read_timeout(clients.header_read_timeout())
             .max_buf_size(64 * 1024);
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30));
-        Builders { h1, h2 }
+        Builders {
+            h1,
+            h2,
+            idle_timeout: clients.idle_timeout(),
+        }
     }
 
-    /// Serves one connection until it ends, as part of a graceful drain.
-    async fn serve<I, S>(&self, io: I, h2: bool, service: S, watcher: Watcher) -> hyper::Result<()>
+    /// Serves one connection until it ends, closing it gracefully on a drain or when idle.
+    async fn serve<I, S>(
+        &self,
+        io: I,
+        h2: bool,
+        service: S,
+        activity: &Activity,
+        stop: &mut watch::Receiver<bool>,
+    ) -> hyper::Result<()>
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-        S: hyper::service::HttpService<Incoming, ResBody = crate::proxy::body::ProxyBody>
-            + Clone
-            + Send
-            + 'static,
+        S: hyper::service::HttpService<Incoming, ResBody = Served> + Clone + Send + 'static,
         S::Future: Send + 'static,
     {
         if h2 {
-            watcher.watch(self.h2.serve_connection(io, service)).await
+            let conn = self.h2.serve_connection(io, service);
+            drive(conn, activity, self.idle_timeout, stop).await
         } else {
-            watcher.watch(self.h1.serve_connection(io, service)).await
+            let conn = self.h1.serve_connection(io, service);
+            drive(conn, activity, self.idle_timeout, stop).await
         }
     }
 }
 
-/// A connection whose protocol is known: `true` for h2.
-enum Prepared {
-    Plain(TcpStream, bool),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>, bool),
+/// Polls `conn` to its end. When the router drains, or when the connection has carried no
+/// request for `idle`, it is shut down gracefully: requests in flight finish, h2 clients
+/// get a GOAWAY, and an idle HTTP/1.1 connection closes at once.
+async fn drive<C>(
+    conn: C,
+    activity: &Activity,
+    idle: Duration,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), C::Error>
+where
+    C: GracefulConnection,
+{
+    let mut conn = pin!(conn);
+    let why = tokio::select! {
+        ended = conn.as_mut() => return ended,
+        () = crate::until_true(stop) => "draining",
+        () = activity.idle_for(idle) => "idle",
+    };
+    tracing::trace!("closing a client connection: {why}");
+    conn.as_mut().graceful_shutdown();
+    conn.await
+}
+
+/// The requests a connection has in flight (from the request head until the response
+/// body ends) and when the last one ended. Requests only touch two atomics; the idle
+/// timer looks at them when it fires, so a busy connection is not woken per request.
+#[derive(Clone)]
+struct Activity(Arc<ActivityState>);
+
+struct ActivityState {
+    in_flight: AtomicUsize,
+    /// When the last request ended, in milliseconds since `since`.
+    last_end_ms: AtomicU64,
+    since: Instant,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity(Arc::new(ActivityState {
+            in_flight: AtomicUsize::new(0),
+            last_end_ms: AtomicU64::new(0),
+            since: Instant::now(),
+        }))
+    }
+
+    /// Marks a request as in flight until the guard drops.
+    fn start(&self) -> Active {
+        self.0.in_flight.fetch_add(1, SeqCst);
+        Active(self.0.clone())
+    }
+
+    /// Returns once no request has been in flight for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        let state = &self.0;
+        loop {
+            let last_end = Duration::from_millis(state.last_end_ms.load(SeqCst));
+            let idle_at = state.since + last_end + idle;
+            let busy = state.in_flight.load(SeqCst) > 0;
+            let now = Instant::now();
+            if !busy && now >= idle_at {
+                return;
+            }
+            // A request in flight now ends now at the earliest.
+            tokio::time::sleep_until(if busy { now + idle } else { idle_at }).await;
+        }
+    }
+}
+
+/// One request in flight on a connection.
+struct Active(Arc<ActivityState>);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        let ended = self.0.since.elapsed().as_millis() as u64;
+        self.0.last_end_ms.fetch_max(ended, SeqCst);
+        self.0.in_flight.fetch_sub(1, SeqCst);
+    }
+}
+
+/// A response body that keeps its request counted as in flight on the connection until
+/// the body ends or is dropped.
+pub struct Served {
+    body: ProxyBody,
+    _active: Active,
+}
+
+impl Body for Served {
+    type Data = Bytes;
+    type Error = <ProxyBody as Body>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// The connection preface of HTTP/2 with prior knowledge (h2c).
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Whether a plain connection opens with the h2 preface, read without consuming it.
-async fn sniff_h2(stream: &TcpStream) -> std::io::Result<bool> {
-    let mut head = [0u8; H2_PREFACE.len()];
+/// Bytes read off a plain connection to tell h2c from HTTP/1.1, replayed to the server
+/// that gets the connection.
+#[derive(Default)]
+struct Prefix {
+    bytes: [u8; H2_PREFACE.len()],
+    start: usize,
+    end: usize,
+}
+
+/// Reads a plain connection's first bytes until they are the whole h2 preface (`true`) or
+/// stop matching it (`false`). Each read waits for data, so a client that trickles or
+/// stalls costs nothing meanwhile; the caller bounds the time. `None`: the client closed
+/// the connection without sending anything.
+async fn sniff_h2(stream: &mut TcpStream, prefix: &mut Prefix) -> io::Result<Option<bool>> {
     loop {
-        let n = stream.peek(&mut head).await?;
-        if n == 0 || head[..n] != H2_PREFACE[..n] {
-            return Ok(false);
+        let n = stream.read(&mut prefix.bytes[prefix.end..]).await?;
+        if n == 0 {
+            return Ok((prefix.end > 0).then_some(false));
         }
-        if n == H2_PREFACE.len() {
-            return Ok(true);
+        prefix.end += n;
+        if prefix.bytes[..prefix.end] != H2_PREFACE[..prefix.end] {
+            return Ok(Some(false));
         }
-        // Part of the preface so far (clients send it whole; this is rare): look again.
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        if prefix.end == H2_PREFACE.len() {
+            return Ok(Some(true));
+        }
     }
+}
+
+/// A client's TCP stream as the servers see it: the bytes read while sniffing come
+/// first, and a write that makes no progress for `send_timeout` (the client has stopped
+/// reading and the socket buffer is full) fails the connection, which releases whatever
+/// its requests hold. The timer is armed only once a write would block.
+struct ClientIo {
+    stream: TcpStream,
+    prefix: Prefix,
+    send_timeout: Duration,
+    stall: Option<Pin<Box<Sleep>>>,
+    /// Whether `stall` runs for the write now blocked.
+    stalled: bool,
+    send_timeouts: IntCounter,
+}
+
+impl ClientIo {
+    fn new(
+        stream: TcpStream,
+        prefix: Prefix,
+        send_timeout: Duration,
+        timeouts: IntCounter,
+    ) -> Self {
+        ClientIo {
+            stream,
+            prefix,
+            send_timeout,
+            stall: None,
+            stalled: false,
+            send_timeouts: timeouts,
+        }
+    }
+
+    /// Turns the result of a write into the timed one: progress disarms the timer, a
+    /// blocked write arms it (once) and fails when it fires.
+    fn timed<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.stalled = false;
+            return polled;
+        }
+        let deadline = Instant::now() + self.send_timeout;
+        let stall = self
+            .stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !self.stalled {
+            stall.as_mut().reset(deadline);
+            self.stalled = true;
+        }
+        ready!(stall.as_mut().poll(cx));
+        self.send_timeouts.inc();
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the client read nothing for {:?}", self.send_timeout),
+        )))
+    }
+}
+
+impl AsyncRead for ClientIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let p = &mut self.prefix;
+        if p.start < p.end {
+            let n = (p.end - p.start).min(buf.remaining());
+            buf.put_slice(&p.bytes[p.start..p.start + n]);
+            p.start += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ClientIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.timed(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.timed(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.stream).poll_flush(cx);
+        self.timed(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// A connection whose protocol is known: `true` for h2.
+enum Prepared {
+    Plain(ClientIo, bool),
+    Tls(Box<tokio_rustls::server::TlsStream<ClientIo>>, bool),
 }
 
 /// TLS settings of an https listener.
@@ -98,6 +360,46 @@ pub struct Tls {
     pub handshake_timeout: Duration,
 }
 
+/// An open client connection: holds its place under the listener's limit and in the
+/// connections gauge until it drops.
+struct Open {
+    _permit: OwnedSemaphorePermit,
+    gauge: IntGauge,
+}
+
+impl Open {
+    fn new(permit: OwnedSemaphorePermit, gauge: IntGauge) -> Self {
+        gauge.inc();
+        Open {
+            _permit: permit,
+            gauge,
+        }
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+/// Lets a warning that may repeat many times a second through at most once a second.
+#[derive(Default)]
+struct Throttle(Option<Instant>);
+
+impl Throttle {
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        let allowed = self
+            .0
+            .is_none_or(|last| now - last >= Duration::from_secs(1));
+        if allowed {
+            self.0 = Some(now);
+        }
+        allowed
+    }
+}
+
 /// Accepts scoring connections (over TLS when `tls` is set) until `stop` turns true, then
 /// drains: in-flight requests get up to `grace` to finish, after which the remaining
 /// connections are cut.
@@ -105,57 +407,101 @@ pub async fn serve_data(
     listener: TcpListener,
     tls: Option<Tls>,
     proxy: Arc<Proxy>,
+    clients: ClientsConfig,
     mut stop: watch::Receiver<bool>,
     grace: Duration,
 ) {
-    let builders = Arc::new(Builders::new());
+    let builders = Arc::new(Builders::new(&clients));
     let tls = tls.map(|t| (TlsAcceptor::from(t.config), t.handshake_timeout));
-    let graceful = GracefulShutdown::new();
+    let metrics = proxy.metrics().clients.clone();
+    let limit = Arc::new(Semaphore::new(clients.max_connections));
+    let (mut limit_warning, mut accept_warning) = (Throttle::default(), Throttle::default());
     let mut connections = JoinSet::new();
     loop {
         while connections.try_join_next().is_some() {}
-        let (stream, addr) = tokio::select! {
+        let permit = match limit.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                metrics.connection_limit_reached.inc();
+                if limit_warning.allow() {
+                    tracing::warn!(
+                        limit = clients.max_connections,
+                        "client connection limit reached: not accepting until one closes"
+                    );
+                }
+                tokio::select! {
+                    permit = limit.clone().acquire_owned() => {
+                        permit.expect("the connection limit is never closed")
+                    }
+                    () = crate::until_true(&mut stop) => break,
+                }
+            }
+        };
+        let (mut stream, addr) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!("accept failed: {e}");
+                    metrics.accept_errors.inc();
+                    if accept_warning.allow() {
+                        tracing::warn!("accept failed: {e}");
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
             () = crate::until_true(&mut stop) => break,
         };
+        let open = Open::new(permit, metrics.connections.clone());
         let _ = stream.set_nodelay(true);
         let client = ClientInfo {
             addr,
             scheme: if tls.is_some() { "https" } else { "http" },
         };
-        let proxy = proxy.clone();
-        let service = service_fn(move |req: Request<Incoming>| {
-            let proxy = proxy.clone();
-            // Boxed, so an idle connection does not carry room for a request in flight.
-            Box::pin(async move { Ok::<_, Infallible>(proxy.handle(req, client).await) })
-        });
+        let activity = Activity::new();
+        let service = {
+            let (proxy, activity) = (proxy.clone(), activity.clone());
+            service_fn(move |req: Request<Incoming>| {
+                let proxy = proxy.clone();
+                let active = activity.start();
+                // Boxed, so an idle connection does not carry room for a request in flight.
+                Box::pin(async move {
+                    let body = proxy.handle(req, client).await.map(|body| Served {
+                        body,
+                        _active: active,
+                    });
+                    Ok::<_, Infallible>(body)
+                })
+            })
+        };
         // The connection's protocol is settled in its own task (the TLS handshake, or a
         // look at its first bytes), bounded in time; a failed one costs its task and
         // socket, nothing else. A drain does not wait for this: it is cut.
         let builders = builders.clone();
-        let watcher = graceful.watcher();
         let mut draining = stop.clone();
         let tls = tls.clone();
+        let send_timeouts = metrics.send_timeouts.clone();
+        let header_timeout = clients.header_read_timeout();
+        let send_timeout = clients.send_timeout();
         connections.spawn(async move {
+            let _open = open;
             let prepared = async {
-                match tls {
+                let mut prefix = Prefix::default();
+                let h2 = match &tls {
+                    Some(_) => false,
                     None => {
-                        let h2 = tokio::time::timeout(HEADER_READ_TIMEOUT, sniff_h2(&stream))
+                        tokio::time::timeout(header_timeout, sniff_h2(&mut stream, &mut prefix))
                             .await
                             .map_err(|_| "no request within the header read timeout".to_owned())?
-                            .map_err(|e| e.to_string())?;
-                        Ok(Prepared::Plain(stream, h2))
+                            .map_err(|e| e.to_string())?
+                            .ok_or_else(|| "closed before sending anything".to_owned())?
                     }
+                };
+                let io = ClientIo::new(stream, prefix, send_timeout, send_timeouts);
+                match tls {
+                    None => Ok(Prepared::Plain(io, h2)),
                     Some((acceptor, timeout)) => {
-                        let stream = handshake(acceptor, stream, timeout)
+                        let stream = handshake(acceptor, io, timeout)
                             .await
                             .map_err(|e| format!("TLS handshake failed: {e}"))?;
                         let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
@@ -169,10 +515,10 @@ pub async fn serve_data(
             };
             let ended = match prepared {
                 Ok(Prepared::Plain(s, h2)) => {
-                    builders.serve(TokioIo::new(s), h2, service, watcher).await
+                    (builders.serve(TokioIo::new(s), h2, service, &activity, &mut draining)).await
                 }
                 Ok(Prepared::Tls(s, h2)) => {
-                    builders.serve(TokioIo::new(*s), h2, service, watcher).await
+                    (builders.serve(TokioIo::new(*s), h2, service, &activity, &mut draining)).await
                 }
                 Err(e) => {
                     tracing::debug!(client = %addr, "{e}");
@@ -185,15 +531,12 @@ pub async fn serve_data(
         });
     }
     drop(listener);
-    let open = graceful.count();
     tracing::info!(
-        connections = open,
+        connections = connections.len(),
         "draining: no new connections; waiting for requests to finish"
     );
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    let drained = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(grace, drained).await.is_err() {
         tracing::warn!("grace period of {grace:?} ended with requests still running; cutting them");
         connections.shutdown().await;
     }
@@ -201,9 +544,9 @@ pub async fn serve_data(
 
 async fn handshake(
     acceptor: TlsAcceptor,
-    stream: TcpStream,
+    stream: ClientIo,
     timeout: Duration,
-) -> Result<tokio_rustls::server::TlsStream<TcpStream>, String> {
+) -> Result<tokio_rustls::server::TlsStream<ClientIo>, String> {
     match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(e)) => Err(e.to_string()),
