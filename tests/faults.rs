@@ -90,7 +90,7 @@ impl Faulty {
                         return;
                     }
                     seen.fetch_add(1, SeqCst);
-                    let reply: &[u8] = match how {
+                    let reply: Vec<u8> = match how {
                         Misbehaves::Resets => {
                             // SO_LINGER 0: closing sends a reset at once (nothing blocks).
                             #[allow(deprecated)]
@@ -101,16 +101,15 @@ impl Faulty {
                             held.lock().unwrap().push(conn);
                             return;
                         }
-                        Misbehaves::HalfHead => b"HTTP/1.1 200 OK\r\ncontent-le",
-                        Misbehaves::HalfBody => &[
-                            b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n".as_slice(),
-                            &[b'x'; 500],
-                        ]
-                        .concat()
-                        .leak(),
-                        Misbehaves::Garbage => b"this is not HTTP\r\n\r\n",
+                        Misbehaves::HalfHead => b"HTTP/1.1 200 OK\r\ncontent-le".to_vec(),
+                        Misbehaves::HalfBody => {
+                            let mut r = b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n".to_vec();
+                            r.extend_from_slice(&[b'x'; 500]);
+                            r
+                        }
+                        Misbehaves::Garbage => b"this is not HTTP\r\n\r\n".to_vec(),
                     };
-                    let _ = conn.write_all(reply).await;
+                    let _ = conn.write_all(&reply).await;
                 });
             }
         });
