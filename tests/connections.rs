@@ -298,45 +298,28 @@ async fn at_the_connection_limit_new_connections_wait_until_one_closes() {
 // ---------------------------------------------------------------------------------------
 // Idle timeouts
 
+/// An idle HTTP/1.1 keep-alive connection is closed after the idle timeout; hyper also runs
+/// the header read timer while such a connection waits for its next request, so that
+/// timeout bounds idle HTTP/1.1 connections too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_http1_keep_alive_connection_is_closed_after_the_idle_timeout() {
+async fn an_idle_http1_keep_alive_connection_is_closed_after_either_timeout() {
     let model = Model::start("m").await;
-    let router = router(
+    for clients in [
         "idleTimeoutMs: 300, headerReadTimeoutMs: 60000",
-        &[model.addr],
-        "",
-    )
-    .await;
-    let mut stream = TcpStream::connect(router.http).await.unwrap();
-    stream
-        .write_all(raw_request("", "{}").as_bytes())
-        .await
-        .unwrap();
-    assert_eq!(read_response(&mut stream).await.0, 200);
-    assert!(
-        closed_within(&mut stream, Duration::from_secs(10)).await,
-        "the idle connection is closed"
-    );
-}
-
-/// hyper runs the HTTP/1.1 header read timer while a keep-alive connection waits for its
-/// next request, so that timeout bounds idle HTTP/1.1 connections too.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_header_read_timeout_also_bounds_idle_http1_connections() {
-    let model = Model::start("m").await;
-    let router = router(
         "idleTimeoutMs: 60000, headerReadTimeoutMs: 300",
-        &[model.addr],
-        "",
-    )
-    .await;
-    let mut stream = TcpStream::connect(router.http).await.unwrap();
-    stream
-        .write_all(raw_request("", "{}").as_bytes())
-        .await
-        .unwrap();
-    assert_eq!(read_response(&mut stream).await.0, 200);
-    assert!(closed_within(&mut stream, Duration::from_secs(10)).await);
+    ] {
+        let router = router(clients, &[model.addr], "").await;
+        let mut stream = TcpStream::connect(router.http).await.unwrap();
+        stream
+            .write_all(raw_request("", "{}").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(read_response(&mut stream).await.0, 200, "{clients}");
+        assert!(
+            closed_within(&mut stream, Duration::from_secs(10)).await,
+            "{clients}: the idle connection is closed"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

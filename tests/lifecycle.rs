@@ -207,47 +207,36 @@ impl Gated {
         let requests = Arc::new(AtomicUsize::new(0));
         let held = Arc::new(AtomicUsize::new(0));
         let (r, h, name) = (requests.clone(), held.clone(), name.to_string());
-        let task = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let (r, h, name, open) = (r.clone(), h.clone(), name.clone(), open.clone());
-                let svc = service_fn(move |req: Request<Incoming>| {
-                    let (r, h, name, mut open) = (r.clone(), h.clone(), name.clone(), open.clone());
-                    async move {
-                        if req
-                            .headers()
-                            .get(http::header::USER_AGENT)
-                            .is_some_and(|ua| {
-                                ua == scorefront::discovery::process::PROBE_USER_AGENT
-                            })
-                        {
-                            // Health probes are not traffic.
-                            let ok = Response::new(Full::new(Bytes::from("Healthy")));
-                            return Ok::<_, Infallible>(ok);
-                        }
-                        r.fetch_add(1, SeqCst);
-                        let gated = req.headers().contains_key("x-gate");
-                        let _ = req.into_body().collect().await;
-                        if gated {
-                            h.fetch_add(1, SeqCst);
-                            let _ = open.wait_for(|o| *o).await;
-                            h.fetch_sub(1, SeqCst);
-                        }
-                        let answer = serde_json::json!({"model": name}).to_string();
-                        Ok::<_, Infallible>(
-                            Response::builder()
-                                .header("content-type", "application/json")
-                                .body(Full::new(Bytes::from(answer)))
-                                .unwrap(),
-                        )
-                    }
-                });
-                tokio::spawn(async move {
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let (r, h, name, mut open) = (r.clone(), h.clone(), name.clone(), open.clone());
+            async move {
+                if req
+                    .headers()
+                    .get(http::header::USER_AGENT)
+                    .is_some_and(|ua| ua == scorefront::discovery::process::PROBE_USER_AGENT)
+                {
+                    // Health probes are not traffic.
+                    let ok = Response::new(Full::new(Bytes::from("Healthy")));
+                    return Ok::<_, Infallible>(ok);
+                }
+                r.fetch_add(1, SeqCst);
+                let gated = req.headers().contains_key("x-gate");
+                let _ = req.into_body().collect().await;
+                if gated {
+                    h.fetch_add(1, SeqCst);
+                    let _ = open.wait_for(|o| *o).await;
+                    h.fetch_sub(1, SeqCst);
+                }
+                let answer = serde_json::json!({"model": name}).to_string();
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .header("content-type", "application/json")
+                        .body(Full::new(Bytes::from(answer)))
+                        .unwrap(),
+                )
             }
         });
+        let task = serve_connections(listener, svc);
         Gated {
             addr,
             requests,

@@ -161,6 +161,18 @@ async fn both_replicas_answer(url: &str) -> HashSet<i32> {
     pids
 }
 
+/// Waits until every process of `pids` (an old command's replicas) is gone.
+async fn all_gone(pids: &HashSet<i32>) {
+    for pid in pids.iter().copied() {
+        eventually(
+            &format!("replica {pid} of the old command to be gone"),
+            Patience::LONG,
+            || async { proc_dead(pid).then_some(()) },
+        )
+        .await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_command_replaces_replicas_without_failing_a_request() {
     let router = Router::start(&command_endpoint(&generation("one"))).await;
@@ -169,14 +181,7 @@ async fn a_changed_command_replaces_replicas_without_failing_a_request() {
 
     let load = Load::start(&url);
     router.reload(&command_endpoint(&generation("two"))).await;
-    for pid in old.iter().copied() {
-        eventually(
-            &format!("replica {pid} of the old command to be gone"),
-            Patience::LONG,
-            || async { proc_dead(pid).then_some(()) },
-        )
-        .await;
-    }
+    all_gone(&old).await;
     let seen = load.finish().await;
     assert!(
         seen.iter().any(|(g, _)| g == "one"),
@@ -217,14 +222,7 @@ async fn a_new_command_that_never_gets_ready_leaves_the_old_one_serving() {
     // until the newest is ready, then goes too.
     let load = Load::start(&url);
     router.reload(&command_endpoint(&generation("three"))).await;
-    for pid in old.iter().copied() {
-        eventually(
-            &format!("replica {pid} of the old command to be gone"),
-            Patience::LONG,
-            || async { proc_dead(pid).then_some(()) },
-        )
-        .await;
-    }
+    all_gone(&old).await;
     let tries = std::fs::read_to_string(&attempts).unwrap().lines().count();
     load.finish().await;
     only_generation_answers(&url, "three", 20).await;
@@ -376,29 +374,20 @@ impl Flaky {
         let addr = listener.local_addr().unwrap();
         let healthy = Arc::new(AtomicBool::new(true));
         let h = healthy.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let h = h.clone();
-                let svc = service_fn(move |_: Request<Incoming>| {
-                    let status = if h.load(SeqCst) { 200 } else { 503 };
-                    let answer = serde_json::json!({"model": name}).to_string();
-                    async move {
-                        Ok::<_, Infallible>(
-                            Response::builder()
-                                .status(status)
-                                .header("content-type", "application/json")
-                                .body(Full::new(Bytes::from(answer)))
-                                .unwrap(),
-                        )
-                    }
-                });
-                tokio::spawn(async move {
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
+        let svc = service_fn(move |_: Request<Incoming>| {
+            let status = if h.load(SeqCst) { 200 } else { 503 };
+            let answer = serde_json::json!({"model": name}).to_string();
+            async move {
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .status(status)
+                        .header("content-type", "application/json")
+                        .body(Full::new(Bytes::from(answer)))
+                        .unwrap(),
+                )
             }
         });
+        let task = serve_connections(listener, svc);
         Flaky {
             addr,
             healthy,

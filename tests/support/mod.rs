@@ -187,6 +187,31 @@ async fn answer(
         .unwrap())
 }
 
+/// Serves every connection `listener` accepts (HTTP/1.1 or h2c) with a clone of `svc`,
+/// until the returned task is aborted.
+pub fn serve_connections<S, B>(listener: TcpListener, svc: S) -> tokio::task::JoinHandle<()>
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let svc = svc.clone();
+            tokio::spawn(async move {
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    })
+}
+
 /// A body fed from a channel: it has no Content-Length, so HTTP/1.1 sends it chunked; it
 /// ends when the sender is dropped.
 pub struct ChannelBody(pub tokio::sync::mpsc::Receiver<Bytes>);
