@@ -239,14 +239,13 @@ async fn a_request_no_replica_received_is_never_lost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_process_killed_mid_request_is_502_and_comes_back() {
-    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/sample_model.py");
     let good = Model::start("good").await;
     let router = Router::start(&endpoint(
         "cap",
         &format!(
             "[{{name: blue, trafficPercentile: 100, replicaCount: 1, \
              command: 'python3 {} --port {{port}} --delay-ms 600'}}, {}]",
-            model.display(),
+            sample_model(),
             version("good", &[good.addr], "")
         ),
     ))

@@ -26,10 +26,6 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::{body::Incoming, service::service_fn};
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
-    server::conn::auto,
-};
 use support::*;
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -125,22 +121,6 @@ fn all_equal(seen: &[String], want: &str) -> bool {
 /// Whether process `pid` exists (a zombie still counts: it has not been reaped).
 fn proc_exists(pid: i32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
-}
-
-/// Whether process `pid` is gone or dead and only waiting for whoever adopted it to reap it.
-fn proc_dead(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
-    }
-}
-
-fn sample_model() -> String {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/sample_model.py");
-    assert!(path.exists(), "{} exists", path.display());
-    path.display().to_string()
 }
 
 /// An endpoint `fraud` with one version `blue` of `count` sample model processes.

@@ -11,7 +11,6 @@ use std::{
     collections::HashSet,
     convert::Infallible,
     net::SocketAddr,
-    path::PathBuf,
     process::Stdio,
     sync::{
         Arc,
@@ -24,18 +23,8 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::{body::Incoming, service::service_fn};
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
-    server::conn::auto,
-};
 use support::*;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
-
-fn sample_model() -> String {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/sample_model.py");
-    assert!(path.exists(), "{} exists", path.display());
-    path.display().to_string()
-}
 
 /// An endpoint `fraud` with one version `blue` of two replicas running `command`. A
 /// request waits at most 50 ms for a replica, less than a replica takes to start: a
@@ -69,16 +58,6 @@ async fn score_once(url: &str) -> (StatusCode, Bytes) {
         .await
         .expect("an answer within 15 s");
     (parts.status, body)
-}
-
-/// Whether process `pid` is gone or dead and only waiting to be reaped.
-fn proc_dead(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
-    }
 }
 
 /// Requests sent back to back by two clients until told to stop; every answer is kept.

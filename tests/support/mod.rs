@@ -187,6 +187,23 @@ async fn answer(
         .unwrap())
 }
 
+/// The sample model's script (examples/sample_model.py), for replica commands.
+pub fn sample_model() -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/sample_model.py");
+    assert!(path.exists(), "{} exists", path.display());
+    path.display().to_string()
+}
+
+/// Whether process `pid` is gone, or dead and only waiting for whoever adopted it to reap it.
+pub fn proc_dead(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+    }
+}
+
 /// Serves every connection `listener` accepts (HTTP/1.1 or h2c) with a clone of `svc`,
 /// until the returned task is aborted.
 pub fn serve_connections<S, B>(listener: TcpListener, svc: S) -> tokio::task::JoinHandle<()>
