@@ -14,7 +14,6 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::Stdio,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering::SeqCst},
@@ -898,104 +897,40 @@ async fn replica_that_never_answers_its_probe_gets_no_traffic() {
 // ---------------------------------------------------------------------------------------
 // the real binary
 
-/// `scorefront serve` on free ports with two sample model replicas.
 /// How a test names the router config: the folder to run in (or this process's), and the
 /// path given to `--config`.
 type ConfigName = (Option<PathBuf>, PathBuf);
 
-struct Served {
-    child: tokio::process::Child,
-    http: SocketAddr,
-    admin: SocketAddr,
-    dir: tempfile::TempDir,
+/// `scorefront serve` with two sample model replicas.
+async fn serve_sample(extra: &[&str], name: impl Fn(&Path) -> ConfigName) -> Served {
+    Served::start_at(
+        &sample_endpoint(2, ", maxRequestWaitTimeMs: 2000"),
+        extra,
+        name,
+    )
+    .await
 }
 
-impl Served {
-    /// `extra` goes after `serve --config FILE`.
-    async fn start(extra: &[&str]) -> Served {
-        Self::start_at(extra, |dir| (None, dir.join("scorefront.yaml"))).await
-    }
+/// The config named by its full path, from this process's folder.
+fn full_path(dir: &Path) -> ConfigName {
+    (None, dir.join("scorefront.yaml"))
+}
 
-    /// Like [`Served::start`], with the config named as `name` answers for the folder
-    /// holding both files: from which folder (or this process's), by which path.
-    async fn start_at(
-        extra: &[&str],
-        name: impl Fn(&Path) -> (Option<PathBuf>, PathBuf),
-    ) -> Served {
-        let dir = tempfile::tempdir().unwrap();
-        let (http, admin) = (unused_addr(), unused_addr());
-        std::fs::write(
-            dir.path().join("scorefront.yaml"),
-            format!(
-                "listen: {{http: '{http}', admin: '{admin}'}}\nendpoints: {{file: endpoints.yaml}}\n\
-                 reloadIntervalMs: 50\nshutdownGracePeriodSeconds: 5\n"
-            ),
-        )
-        .unwrap();
-        std::fs::write(
-            dir.path().join("endpoints.yaml"),
-            sample_endpoint(2, ", maxRequestWaitTimeMs: 2000"),
-        )
-        .unwrap();
-        let log = std::fs::File::create(dir.path().join("scorefront.log")).unwrap();
-        let (cwd, config) = name(dir.path());
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_scorefront"));
-        if let Some(cwd) = cwd {
-            command.current_dir(cwd);
-        }
-        let child = command
-            .arg("serve")
-            .arg("--config")
-            .arg(config)
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("scorefront starts");
-        Served {
-            child,
-            http,
-            admin,
-            dir,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("scorefront.log")).unwrap_or_default()
-    }
-
-    /// Waits for /readyz, then for both replicas to answer; returns their pids.
-    async fn ready_pids(&self) -> HashSet<i32> {
-        let readyz = format!("http://{}/readyz", self.admin);
-        eventually("/readyz to answer 200", Patience::LONG, || async {
-            matches!(try_get(&readyz).await, Some((StatusCode::OK, _))).then_some(())
-        })
-        .await;
-        let url = format!("http://{}/api/v1/endpoint/fraud/score", self.http);
-        pids_answering(&url, 2).await
-    }
-
-    fn signal(&self, signal: i32) {
-        let pid = self.child.id().expect("running") as i32;
-        // SAFETY: kill(2) on the scorefront process this test started.
-        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
-    }
-
-    async fn exit_status(&mut self) -> std::process::ExitStatus {
-        match tokio::time::timeout(Duration::from_secs(15), self.child.wait()).await {
-            Ok(status) => status.unwrap(),
-            Err(_) => panic!("scorefront did not exit within 15 s; log:\n{}", self.log()),
-        }
-    }
+/// Waits for /readyz, then for both replicas to answer; returns their pids.
+async fn ready_pids(served: &Served) -> HashSet<i32> {
+    let readyz = format!("http://{}/readyz", served.admin);
+    eventually("/readyz to answer 200", Patience::LONG, || async {
+        matches!(try_get(&readyz).await, Some((StatusCode::OK, _))).then_some(())
+    })
+    .await;
+    let url = format!("http://{}/api/v1/endpoint/fraud/score", served.http);
+    pids_answering(&url, 2).await
 }
 
 #[tokio::test]
 async fn binary_stops_cleanly_on_sigterm() {
-    let mut served = Served::start(&[]).await;
-    let pids = served.ready_pids().await;
+    let mut served = serve_sample(&[], full_path).await;
+    let pids = ready_pids(&served).await;
     assert_eq!(pids.len(), 2);
     served.signal(libc::SIGTERM);
     let status = served.exit_status().await;
@@ -1012,8 +947,8 @@ async fn binary_stops_cleanly_on_sigterm() {
 
 #[tokio::test]
 async fn json_logs_are_one_object_per_line_with_an_access_line_per_request() {
-    let mut served = Served::start(&["--log-format", "json"]).await;
-    served.ready_pids().await;
+    let mut served = serve_sample(&["--log-format", "json"], full_path).await;
+    ready_pids(&served).await;
     served.signal(libc::SIGTERM);
     let status = served.exit_status().await;
     assert_eq!(status.code(), Some(0), "log:\n{}", served.log());
@@ -1036,28 +971,6 @@ async fn json_logs_are_one_object_per_line_with_an_access_line_per_request() {
     }
     // Shutdown flushed the writer thread: the last lines made it out.
     assert!(log.contains("stopped"), "{log}");
-}
-
-#[tokio::test]
-async fn binary_killed_outright_leaves_no_orphans() {
-    let mut served = Served::start(&[]).await;
-    let pids = served.ready_pids().await;
-    assert_eq!(pids.len(), 2);
-    served.signal(libc::SIGKILL);
-    let status = served.exit_status().await;
-    assert_eq!(
-        std::os::unix::process::ExitStatusExt::signal(&status),
-        Some(libc::SIGKILL)
-    );
-    for pid in pids {
-        // Orphans are adopted and reaped by someone else; dead (even unreaped) is enough.
-        eventually(
-            &format!("replica {pid} to die with scorefront"),
-            Patience::LONG,
-            || async { proc_dead(pid).then_some(()) },
-        )
-        .await;
-    }
 }
 
 #[tokio::test]
@@ -1254,8 +1167,8 @@ async fn replicas_start_however_the_config_path_is_written() {
         "an absolute path",
         "a path through a symlinked folder",
     ] {
-        let mut served = Served::start_at(&[], |dir| name(how, dir)).await;
-        let pids = served.ready_pids().await;
+        let mut served = serve_sample(&[], |dir| name(how, dir)).await;
+        let pids = ready_pids(&served).await;
         assert_eq!(pids.len(), 2, "{how}: {}", served.log());
         served.signal(libc::SIGTERM);
         let status = served.exit_status().await;

@@ -11,7 +11,6 @@ use std::{
     collections::HashSet,
     convert::Infallible,
     net::SocketAddr,
-    process::Stdio,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering::SeqCst},
@@ -216,99 +215,49 @@ async fn a_new_command_that_never_gets_ready_leaves_the_old_one_serving() {
 // ---------------------------------------------------------------------------------------
 // no replica process outlives scorefront
 
-/// `scorefront serve` (the real binary) with one replica whose command leaves a worker
-/// behind in its process group and writes the worker's pid to `worker.pid`.
-struct Served {
-    child: tokio::process::Child,
-    http: SocketAddr,
-    dir: tempfile::TempDir,
+/// `scorefront serve` with one replica whose command starts a worker of its own in the
+/// background and writes the worker's pid to `worker.pid`.
+async fn serve_with_worker() -> Served {
+    let command = format!(
+        "sh -c 'sleep 600 & echo $! > worker.pid; exec python3 {} --port {{port}}'",
+        sample_model()
+    );
+    let command = serde_json::to_string(&command).unwrap();
+    let endpoints = endpoint(
+        "fraud",
+        &format!("[{{name: blue, command: {command}, replicaCount: 1}}]"),
+    );
+    Served::start_at(&endpoints, &[], |dir| (None, dir.join("scorefront.yaml"))).await
 }
 
-impl Served {
-    async fn start() -> Served {
-        let dir = tempfile::tempdir().unwrap();
-        let (http, admin) = (unused_addr(), unused_addr());
-        std::fs::write(
-            dir.path().join("scorefront.yaml"),
-            format!(
-                "listen: {{http: '{http}', admin: '{admin}'}}\nendpoints: {{file: endpoints.yaml}}\n\
-                 shutdownGracePeriodSeconds: 5\n"
-            ),
-        )
-        .unwrap();
-        let command = format!(
-            "sh -c 'sleep 600 & echo $! > worker.pid; exec python3 {} --port {{port}}'",
-            sample_model()
-        );
-        let command = serde_json::to_string(&command).unwrap();
-        std::fs::write(
-            dir.path().join("endpoints.yaml"),
-            endpoint(
-                "fraud",
-                &format!("[{{name: blue, command: {command}, replicaCount: 1}}]"),
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(dir.path().join("scorefront.log")).unwrap();
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_scorefront"))
-            .arg("serve")
-            .arg("--config")
-            .arg(dir.path().join("scorefront.yaml"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("scorefront starts");
-        Served { child, http, dir }
-    }
-
-    /// The pids of the replica's processes: the model that answers and its worker.
-    async fn replica_pids(&self) -> [i32; 2] {
-        let url = format!("http://{}/api/v1/service/fraud/score", self.http);
-        let pidfile = self.dir.path().join("worker.pid");
-        eventually("the replica to answer", Patience::LONG, || async {
-            let req = scoring_post(&url, KEY, &[], r#"{"n": 1}"#);
-            let resp = client().request(req).await.ok()?;
-            if resp.status() != 200 {
-                return None;
-            }
-            let body = http_body_util::BodyExt::collect(resp.into_body())
-                .await
-                .ok()?
-                .to_bytes();
-            let worker = std::fs::read_to_string(&pidfile)
-                .ok()?
-                .trim()
-                .parse()
-                .ok()?;
-            Some([answer_of(&body).1, worker])
-        })
-        .await
-    }
-
-    fn signal(&self, signal: i32) {
-        let pid = self.child.id().expect("running") as i32;
-        // SAFETY: kill(2) on the scorefront process this test started.
-        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
-    }
-
-    async fn exit_status(&mut self) -> std::process::ExitStatus {
-        let log = self.dir.path().join("scorefront.log");
-        match tokio::time::timeout(Duration::from_secs(15), self.child.wait()).await {
-            Ok(status) => status.unwrap(),
-            Err(_) => panic!(
-                "scorefront did not exit within 15 s; log:\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            ),
+/// The pids of the replica's processes: the model that answers and its worker.
+async fn replica_pids(served: &Served) -> [i32; 2] {
+    let url = format!("http://{}/api/v1/service/fraud/score", served.http);
+    let pidfile = served.dir.path().join("worker.pid");
+    eventually("the replica to answer", Patience::LONG, || async {
+        let req = scoring_post(&url, KEY, &[], r#"{"n": 1}"#);
+        let resp = client().request(req).await.ok()?;
+        if resp.status() != 200 {
+            return None;
         }
-    }
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .ok()?
+            .to_bytes();
+        let worker = std::fs::read_to_string(&pidfile)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        Some([answer_of(&body).1, worker])
+    })
+    .await
 }
 
 /// Kills scorefront with `signal` and waits for every process of its replica to die.
 async fn no_replica_process_survives(signal: i32) {
-    let mut served = Served::start().await;
-    let pids = served.replica_pids().await;
+    let mut served = serve_with_worker().await;
+    let pids = replica_pids(&served).await;
     served.signal(signal);
     served.exit_status().await;
     for pid in pids {

@@ -204,6 +204,79 @@ pub fn proc_dead(pid: i32) -> bool {
     }
 }
 
+/// `scorefront serve` run as its own process on free loopback ports, from a folder holding
+/// its config and `endpoints`; its output goes to `scorefront.log` there.
+pub struct Served {
+    pub child: tokio::process::Child,
+    pub http: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+}
+
+impl Served {
+    /// Runs with the config named as `name` answers for the folder holding both files:
+    /// from which folder (or this process's), by which path. `extra` goes after
+    /// `serve --config FILE`.
+    pub async fn start_at(
+        endpoints: &str,
+        extra: &[&str],
+        name: impl Fn(&std::path::Path) -> (Option<PathBuf>, PathBuf),
+    ) -> Served {
+        let dir = tempfile::tempdir().unwrap();
+        let (http, admin) = (unused_addr(), unused_addr());
+        std::fs::write(
+            dir.path().join("scorefront.yaml"),
+            format!(
+                "listen: {{http: '{http}', admin: '{admin}'}}\nendpoints: {{file: endpoints.yaml}}\n\
+                 reloadIntervalMs: 50\nshutdownGracePeriodSeconds: 5\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("endpoints.yaml"), endpoints).unwrap();
+        let log = std::fs::File::create(dir.path().join("scorefront.log")).unwrap();
+        let (cwd, config) = name(dir.path());
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_scorefront"));
+        if let Some(cwd) = cwd {
+            command.current_dir(cwd);
+        }
+        let child = command
+            .arg("serve")
+            .arg("--config")
+            .arg(config)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("scorefront starts");
+        Served {
+            child,
+            http,
+            admin,
+            dir,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("scorefront.log")).unwrap_or_default()
+    }
+
+    pub fn signal(&self, signal: i32) {
+        let pid = self.child.id().expect("running") as i32;
+        // SAFETY: kill(2) on the scorefront process this test started.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+    }
+
+    pub async fn exit_status(&mut self) -> std::process::ExitStatus {
+        match tokio::time::timeout(Duration::from_secs(15), self.child.wait()).await {
+            Ok(status) => status.unwrap(),
+            Err(_) => panic!("scorefront did not exit within 15 s; log:\n{}", self.log()),
+        }
+    }
+}
+
 /// Serves every connection `listener` accepts (HTTP/1.1 or h2c) with a clone of `svc`,
 /// until the returned task is aborted.
 pub fn serve_connections<S, B>(listener: TcpListener, svc: S) -> tokio::task::JoinHandle<()>
