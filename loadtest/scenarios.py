@@ -673,6 +673,16 @@ def instructions(args, run):
     ]))
 
 
+def serve(run, port, core):
+    """scorefront from the run folder's scorefront.yaml (listening on `port`), one worker."""
+    env = dict(os.environ, TOKIO_WORKER_THREADS="1")
+    env.pop("RUST_LOG", None)
+    sf = start([str(RELEASE / "scorefront"), "serve", "--config", str(run / "scorefront.yaml")],
+               run / "scorefront.log", env=env, core=core)
+    wait_port(port, "scorefront", sf)
+    return sf
+
+
 def spike(args, run):
     """Half of what one replica serves, then a step to ten times that, against a version
     whose local replicas (sample-model, one request at a time) the autoscaler scales."""
@@ -697,11 +707,7 @@ def spike(args, run):
         f"      autoscale: {{minReplicas: 1, maxReplicas: {need + 5}, targetUtilization: {target}, "
         f"refreshSeconds: 1, scaleDownDelaySeconds: 60}}\n"
     )
-    env = dict(os.environ, TOKIO_WORKER_THREADS="1")
-    env.pop("RUST_LOG", None)
-    sf = start([str(RELEASE / "scorefront"), "serve", "--config", str(run / "scorefront.yaml")],
-               run / "scorefront.log", env=env, core=served)
-    wait_port(port, "scorefront", sf)
+    sf = serve(run, port, served)
     url = f"http://127.0.0.1:{port}/api/v1/endpoint/spike/score"
     ready = 'scorefront_replicas{version="blue",state="ready"}'
     desired = 'scorefront_desired_replicas{version="blue"}'
@@ -797,11 +803,7 @@ def soak(args, run):
 
     state = {"green_pct": 10, "secondary": "scenario-secondary-key-0000000001", "generation": 0}
     endpoints(**state)
-    env = dict(os.environ, TOKIO_WORKER_THREADS="1")
-    env.pop("RUST_LOG", None)
-    sf = start([str(RELEASE / "scorefront"), "serve", "--config", str(run / "scorefront.yaml")],
-               run / "scorefront.log", env=env, core=served)
-    wait_port(port, "scorefront", sf)
+    sf = serve(run, port, served)
     url = f"http://127.0.0.1:{port}/api/v1/endpoint/soak/score"
     metrics_url = f"http://127.0.0.1:{admin}/metrics"
 
