@@ -281,7 +281,7 @@ static PLAIN: [bool; 256] = {
 /// a time: request ids and paths are mostly tens of bytes.
 fn plain(s: &str) -> bool {
     let mut words = s.as_bytes().chunks_exact(8);
-    (&mut words).all(|w| plain_word(u64::from_le_bytes(w.try_into().expect("8 bytes"))))
+    words.all(|w| plain_word(u64::from_le_bytes(w.try_into().expect("8 bytes"))))
         && words.remainder().iter().all(|&b| PLAIN[usize::from(b)])
 }
 
