@@ -25,6 +25,11 @@ use crate::logwriter::{Dropped, LogWriter};
 pub const TARGET: &str = "scorefront::access";
 
 /// One access-log line. Durations are whole microseconds, -1 for a phase not reached.
+///
+/// `request_id` and `path` come from the client and are escaped as needed. The other
+/// strings are written as they are, so they must be printable ASCII without `"` or `\`:
+/// an HTTP method (a token), validated endpoint and version names, and static codes and
+/// outcomes are.
 #[derive(Debug, Clone, Copy)]
 pub struct Entry<'a> {
     pub request_id: &'a str,
@@ -86,10 +91,7 @@ pub fn write(entry: &Entry<'_>) {
                     return;
                 };
                 buf.clear();
-                match format {
-                    Format::Text => text(&mut buf, entry, now),
-                    Format::Json => json(&mut buf, entry, now),
-                }
+                format_line(&mut buf, *format, entry, now);
                 writer.append(&buf);
             });
         }
@@ -136,66 +138,132 @@ pub fn gap_line(format: Format, gap: Dropped) -> Vec<u8> {
     buf
 }
 
-/// One field's value, as both layouts need to tell them apart.
-enum Value<'a> {
-    Str(&'a str),
-    /// Written unquoted in text (as tracing's `%` does), quoted in JSON.
-    Display(&'a str),
-    Uint(u64),
-    Int(i64),
-}
-
-/// The fields of a line, in their order.
-fn fields<'a>(e: &Entry<'a>) -> [(&'static str, Value<'a>); 11] {
-    [
-        ("request_id", Value::Str(e.request_id)),
-        ("method", Value::Display(e.method)),
-        ("path", Value::Str(e.path)),
-        ("endpoint", Value::Str(e.endpoint)),
-        ("version", Value::Str(e.version)),
-        ("status", Value::Uint(e.status.into())),
-        ("code", Value::Str(e.code)),
-        ("duration_us", Value::Uint(e.duration_us)),
-        ("queue_us", Value::Int(e.queue_us)),
-        ("upstream_us", Value::Int(e.upstream_us)),
-        ("outcome", Value::Str(e.outcome)),
-    ]
+/// The constant text around the fields of a line, in one layout: `start`, the timestamp,
+/// then `fields[i]` before the i-th field of [`Entry`] (in its order), then `end`. Quotes
+/// around values that are never escaped belong to this text.
+struct Layout {
+    start: &'static [u8],
+    fields: [&'static [u8]; 11],
+    end: &'static [u8],
+    /// Whether escaped strings are written as JSON (else as `Debug`).
+    json: bool,
 }
 
 /// `2024-05-01T12:00:00.123456Z  INFO scorefront::access: request_id="..." method=POST ...`
-fn text(buf: &mut Vec<u8>, e: &Entry<'_>, now: SystemTime) {
-    timestamp(buf, now);
-    buf.extend_from_slice(b"  INFO scorefront::access:");
-    for (name, value) in fields(e) {
-        buf.push(b' ');
-        buf.extend_from_slice(name.as_bytes());
-        buf.push(b'=');
-        match value {
-            Value::Str(s) => debug_str(buf, s),
-            Value::Display(s) => buf.extend_from_slice(s.as_bytes()),
-            Value::Uint(n) => uint(buf, n),
-            Value::Int(n) => int(buf, n),
-        }
-    }
-    buf.push(b'\n');
-}
+static TEXT: Layout = Layout {
+    start: b"",
+    fields: [
+        b"  INFO scorefront::access: request_id=",
+        b" method=",
+        b" path=",
+        b" endpoint=\"",
+        b"\" version=\"",
+        b"\" status=",
+        b" code=\"",
+        b"\" duration_us=",
+        b" queue_us=",
+        b" upstream_us=",
+        b" outcome=\"",
+    ],
+    end: b"\"\n",
+    json: false,
+};
 
 /// `{"timestamp":"...","level":"INFO","request_id":"...",...,"target":"scorefront::access"}`
-fn json(buf: &mut Vec<u8>, e: &Entry<'_>, now: SystemTime) {
-    buf.extend_from_slice(b"{\"timestamp\":\"");
+static JSON: Layout = Layout {
+    start: b"{\"timestamp\":\"",
+    fields: [
+        b"\",\"level\":\"INFO\",\"request_id\":",
+        b",\"method\":\"",
+        b"\",\"path\":",
+        b",\"endpoint\":\"",
+        b"\",\"version\":\"",
+        b"\",\"status\":",
+        b",\"code\":\"",
+        b"\",\"duration_us\":",
+        b",\"queue_us\":",
+        b",\"upstream_us\":",
+        b",\"outcome\":\"",
+    ],
+    end: b"\",\"target\":\"scorefront::access\"}\n",
+    json: true,
+};
+
+/// Room for a line whose escaped values need no escaping: the constant text, the
+/// timestamp and the longest numbers.
+const FIXED_LEN: usize = 240 + 32 + 3 * 20 + 5;
+
+/// Writes `e` in `layout`. The request id and the path come from the client and are
+/// escaped; the other strings are plain by construction (see [`Entry`]) and copied.
+fn line(buf: &mut Vec<u8>, e: &Entry<'_>, now: SystemTime, layout: &Layout) {
+    let [
+        id,
+        method,
+        path,
+        endpoint,
+        version,
+        status,
+        code,
+        duration,
+        queue,
+        upstream,
+        outcome,
+    ] = &layout.fields;
+    let plain_fields = [e.method, e.endpoint, e.version, e.code, e.outcome];
+    debug_assert!(plain_fields.iter().all(|s| plain(s)), "{e:?}");
+    let variable: usize = plain_fields.iter().map(|s| s.len()).sum();
+    buf.reserve(FIXED_LEN + variable + e.request_id.len() + e.path.len());
+    buf.extend_from_slice(layout.start);
     timestamp(buf, now);
-    buf.extend_from_slice(b"\",\"level\":\"INFO\"");
-    for (name, value) in fields(e) {
-        buf.extend_from_slice(b",\"");
-        buf.extend_from_slice(name.as_bytes());
-        buf.extend_from_slice(b"\":");
-        match value {
-            Value::Str(s) | Value::Display(s) => json_str(buf, s),
-            Value::Uint(n) => uint(buf, n),
-            Value::Int(n) => int(buf, n),
-        }
+    buf.extend_from_slice(id);
+    escaped(buf, e.request_id, layout.json);
+    buf.extend_from_slice(method);
+    buf.extend_from_slice(e.method.as_bytes());
+    buf.extend_from_slice(path);
+    escaped(buf, e.path, layout.json);
+    buf.extend_from_slice(endpoint);
+    buf.extend_from_slice(e.endpoint.as_bytes());
+    buf.extend_from_slice(version);
+    buf.extend_from_slice(e.version.as_bytes());
+    buf.extend_from_slice(status);
+    number(buf, e.status);
+    buf.extend_from_slice(code);
+    buf.extend_from_slice(e.code.as_bytes());
+    buf.extend_from_slice(duration);
+    number(buf, e.duration_us);
+    buf.extend_from_slice(queue);
+    number(buf, e.queue_us);
+    buf.extend_from_slice(upstream);
+    number(buf, e.upstream_us);
+    buf.extend_from_slice(outcome);
+    buf.extend_from_slice(e.outcome.as_bytes());
+    buf.extend_from_slice(layout.end);
+}
+
+/// Appends the line of `e` in `format`, stamped `now`, to `buf`.
+pub fn format_line(buf: &mut Vec<u8>, format: Format, e: &Entry<'_>, now: SystemTime) {
+    match format {
+        Format::Text => line(buf, e, now, &TEXT),
+        Format::Json => line(buf, e, now, &JSON),
     }
-    buf.extend_from_slice(b",\"target\":\"scorefront::access\"}\n");
+}
+
+/// `s` quoted, as serde_json (`json`) or `{:?}` writes it.
+fn escaped(buf: &mut Vec<u8>, s: &str, json: bool) {
+    if plain(s) {
+        buf.push(b'"');
+        buf.extend_from_slice(s.as_bytes());
+        buf.push(b'"');
+    } else if json {
+        let _ = serde_json::to_writer(&mut *buf, s);
+    } else {
+        let _ = write!(buf, "{s:?}");
+    }
+}
+
+/// `s` as serde_json writes it.
+fn json_str(buf: &mut Vec<u8>, s: &str) {
+    escaped(buf, s, true);
 }
 
 /// Bytes that `Debug` and JSON both quote as they are: printable ASCII but `"` and `\`.
@@ -209,57 +277,48 @@ static PLAIN: [bool; 256] = {
     t
 };
 
-/// Whether `s` is written as is between quotes, by both `Debug` and JSON.
+/// Whether `s` is written as is between quotes, by both `Debug` and JSON. Eight bytes at
+/// a time: request ids and paths are mostly tens of bytes.
 fn plain(s: &str) -> bool {
-    s.bytes().all(|b| PLAIN[usize::from(b)])
+    let mut words = s.as_bytes().chunks_exact(8);
+    words.all(|w| plain_word(u64::from_le_bytes(w.try_into().expect("8 bytes"))))
+        && words.remainder().iter().all(|&b| PLAIN[usize::from(b)])
 }
 
-/// `s` as `{:?}` writes it.
-fn debug_str(buf: &mut Vec<u8>, s: &str) {
-    if plain(s) {
-        buf.push(b'"');
-        buf.extend_from_slice(s.as_bytes());
-        buf.push(b'"');
-    } else {
-        let _ = write!(buf, "{s:?}");
-    }
+/// Whether all eight bytes of `w` are [`PLAIN`].
+fn plain_word(w: u64) -> bool {
+    const ONES: u64 = u64::MAX / 255;
+    const HIGH: u64 = ONES * 0x80;
+    // Some byte is zero; exact as to whether one is (Hacker's Delight 6-1).
+    let zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+    let below_space = w.wrapping_sub(ONES * 0x20) & !w & HIGH;
+    let bad = (w & HIGH)
+        | below_space
+        | zero(w ^ (ONES * 0x7f))
+        | zero(w ^ (ONES * u64::from(b'"')))
+        | zero(w ^ (ONES * u64::from(b'\\')));
+    bad == 0
 }
 
-/// `s` as serde_json writes it.
-fn json_str(buf: &mut Vec<u8>, s: &str) {
-    if plain(s) {
-        buf.push(b'"');
-        buf.extend_from_slice(s.as_bytes());
-        buf.push(b'"');
-    } else {
-        let _ = serde_json::to_writer(&mut *buf, s);
-    }
+/// `n` in decimal.
+fn number(buf: &mut Vec<u8>, n: impl itoa::Integer) {
+    buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
-fn uint(buf: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
+/// "00" to "99".
+static TWO_DIGITS: [[u8; 2]; 100] = {
+    let mut t = [[0; 2]; 100];
+    let mut i = 0;
+    while i < 100 {
+        t[i] = [b'0' + (i / 10) as u8, b'0' + (i % 10) as u8];
+        i += 1;
     }
-    buf.extend_from_slice(&digits[i..]);
-}
-
-fn int(buf: &mut Vec<u8>, n: i64) {
-    if n < 0 {
-        buf.push(b'-');
-    }
-    uint(buf, n.unsigned_abs());
-}
+    t
+};
 
 /// Two digits of `n` (below 100).
 fn two(buf: &mut Vec<u8>, n: u64) {
-    buf.extend_from_slice(&[b'0' + (n / 10) as u8, b'0' + (n % 10) as u8]);
+    buf.extend_from_slice(&TWO_DIGITS[n as usize]);
 }
 
 /// RFC 3339 in UTC with microseconds, as tracing-subscriber's default timer writes it:
@@ -297,7 +356,7 @@ fn date_time(buf: &mut Vec<u8>, secs: u64) {
     let (year, month, day) = civil(days);
     if year > 9999 {
         buf.push(b'+');
-        uint(buf, year);
+        number(buf, year);
     } else {
         two(buf, year / 100);
         two(buf, year % 100);
@@ -379,11 +438,7 @@ mod tests {
 
     fn ours(format: Format, e: &Entry<'_>) -> String {
         let mut buf = Vec::new();
-        let now = SystemTime::now();
-        match format {
-            Format::Text => text(&mut buf, e, now),
-            Format::Json => json(&mut buf, e, now),
-        }
+        format_line(&mut buf, format, e, SystemTime::now());
         String::from_utf8(buf).unwrap()
     }
 
@@ -436,6 +491,102 @@ mod tests {
                     let v: serde_json::Value = serde_json::from_str(&got).unwrap();
                     assert_eq!(v["path"], e.path);
                 }
+            }
+        }
+    }
+
+    /// Strings a client can put in a request id or a path, hostile ones included.
+    fn hostile() -> Vec<String> {
+        let mut out: Vec<String> = [
+            "",
+            "5e3c47a6-66c7-4c33-9a2e-4b0e1dcd3b8e",
+            "/api/v1/endpoint/fraud/score",
+            "\"",
+            "\\",
+            "a\"b\\c\"",
+            "line\nbreak\r\n",
+            "tab\there",
+            "nul\0byte",
+            "del\u{7f}",
+            "caf\u{e9} \u{1F600} \u{FFFD}",
+            "\u{85}\u{2028}\u{2029}\u{200b}\u{feff}",
+            "{\"json\":[1,2]}",
+            "12345678",
+            "1234567\"",
+            "\"1234567",
+            "1234567\u{1f}89",
+            "a-very-long-request-id-made-of-many-plain-words-0123456789-0123456789",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        // Every ASCII character and a few others, alone and at each position of a word
+        // (whole words are checked at once).
+        for c in (0u8..0x80)
+            .map(char::from)
+            .chain(['\u{80}', '\u{ff}', '\u{100}'])
+        {
+            out.push(c.to_string());
+            for at in 0..9 {
+                let mut s: String = "abcdefghijklmnop".into();
+                s.insert(at, c);
+                out.push(s);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn words_are_plain_exactly_when_each_byte_is() {
+        for b in 0..=255u8 {
+            for at in 0..16 {
+                let mut bytes = *b"abcdefgh-ijklmno";
+                bytes[at] = b;
+                let Ok(s) = std::str::from_utf8(&bytes) else {
+                    let w = u64::from_le_bytes(bytes[at / 8 * 8..][..8].try_into().unwrap());
+                    assert!(!plain_word(w), "{bytes:?}");
+                    continue;
+                };
+                assert_eq!(plain(s), PLAIN[usize::from(b)], "{s:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn hostile_values_are_escaped_as_tracing_subscriber_does() {
+        let numbers = [
+            (0, 0, 0, 0),
+            (200, 1, 1, 1),
+            (503, 9, -1, -1),
+            (404, 10, 99, 100),
+            (599, 123_456_789, -1_000_000, 987_654_321),
+            (999, u64::MAX, i64::MIN, i64::MAX),
+        ];
+        let strings = hostile();
+        for format in [Format::Text, Format::Json] {
+            for (i, s) in strings.iter().enumerate() {
+                let (status, duration_us, queue_us, upstream_us) = numbers[i % numbers.len()];
+                let other = &strings[(i * 7 + 3) % strings.len()];
+                let e = Entry {
+                    request_id: s,
+                    method: ["GET", "POST", "M-SEARCH", "PURGE"][i % 4],
+                    path: other,
+                    endpoint: ["", "fraud", "a-1"][i % 3],
+                    version: ["", "blue", "v2"][i % 3],
+                    status,
+                    code: ["", "EndpointNotFound", "ScoringTimeout"][i % 3],
+                    duration_us,
+                    queue_us,
+                    upstream_us,
+                    outcome: ["", "client went away before the response body ended"][i % 2],
+                };
+                let want = reference(format, &e);
+                let got = ours(format, &e);
+                assert_eq!(
+                    untimed(format, &got),
+                    untimed(format, &want),
+                    "{format:?} {e:?}"
+                );
             }
         }
     }

@@ -221,7 +221,8 @@ impl Drop for ProxyBody {
         // An unfinished drain is not an unfinished response: the client has it all.
         let complete = self.ended || self.response_done();
         if let Some(up) = self.upstream.take() {
-            self.record.upstream = Some(up.sent_at.elapsed());
+            // Measured when the record is written, with the same clock read as the total.
+            self.record.upstream = Some(up.sent_at);
             if complete && let Some(conn) = up.conn {
                 up.slot.replica().conns.put(conn);
             }
@@ -322,14 +323,17 @@ pub struct Record {
     /// The router's error code when it answered itself.
     pub code: Option<&'static str>,
     pub queue_wait: Option<Duration>,
-    pub upstream: Option<Duration>,
+    /// When the request was sent to the replica that answered it.
+    pub upstream: Option<Instant>,
     /// Why the exchange ended badly after headers, if it did; empty otherwise.
     pub outcome: &'static str,
 }
 
 impl Drop for Record {
     fn drop(&mut self) {
-        let elapsed = self.start.elapsed();
+        let now = Instant::now();
+        let elapsed = now - self.start;
+        let upstream = self.upstream.map(|sent| now - sent);
         let endpoint = self.endpoint.as_ref().map_or("", |e| e.name.as_str());
         let version = self.version.as_ref().map_or("", |v| v.name());
         match &self.version {
@@ -342,7 +346,7 @@ impl Drop for Record {
             if let Some(w) = self.queue_wait {
                 handles.queue_wait.observe(w.as_secs_f64());
             }
-            if let Some(u) = self.upstream {
+            if let Some(u) = upstream {
                 handles.upstream_duration.observe(u.as_secs_f64());
             }
         }
@@ -362,7 +366,7 @@ impl Drop for Record {
             code: self.code.unwrap_or(""),
             duration_us: elapsed.as_micros() as u64,
             queue_us: us(self.queue_wait),
-            upstream_us: us(self.upstream),
+            upstream_us: us(upstream),
             outcome: self.outcome,
         });
     }
