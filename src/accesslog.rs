@@ -419,8 +419,8 @@ mod tests {
         }
     }
 
-    /// The line tracing-subscriber writes for `e` in `format`.
-    fn reference(format: Format, e: &Entry<'_>) -> String {
+    /// What tracing-subscriber writes, in `format`, for the events `emit` sends.
+    fn traced(format: Format, emit: impl FnOnce()) -> String {
         let out = Captured::default();
         let builder = tracing_subscriber::fmt()
             .with_writer(out.clone())
@@ -431,9 +431,14 @@ mod tests {
                 tracing::subscriber::set_default(builder.json().flatten_event(true).finish())
             }
         };
-        // Not installed in unit tests: this is the tracing event.
-        write(e);
+        emit();
         String::from_utf8(out.0.lock().unwrap().clone()).unwrap()
+    }
+
+    /// The line tracing-subscriber writes for `e` in `format`.
+    fn reference(format: Format, e: &Entry<'_>) -> String {
+        // Not installed in unit tests: this is the tracing event.
+        traced(format, || write(e))
     }
 
     fn ours(format: Format, e: &Entry<'_>) -> String {
@@ -598,21 +603,12 @@ mod tests {
             bytes: 3456,
         };
         for format in [Format::Text, Format::Json] {
-            let out = Captured::default();
-            let builder = tracing_subscriber::fmt()
-                .with_writer(out.clone())
-                .with_ansi(false);
-            let _guard = match format {
-                Format::Text => tracing::subscriber::set_default(builder.finish()),
-                Format::Json => {
-                    tracing::subscriber::set_default(builder.json().flatten_event(true).finish())
-                }
-            };
-            tracing::warn!(
-                target: "scorefront::logwriter",
-                "12 log lines dropped (3456 bytes): the log output was not read fast enough"
-            );
-            let want = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+            let want = traced(format, || {
+                tracing::warn!(
+                    target: "scorefront::logwriter",
+                    "12 log lines dropped (3456 bytes): the log output was not read fast enough"
+                )
+            });
             let got = String::from_utf8(gap_line(format, gap)).unwrap();
             assert_eq!(untimed(format, &got), untimed(format, &want), "{format:?}");
         }
