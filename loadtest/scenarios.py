@@ -6,7 +6,8 @@
     python3 loadtest/scenarios.py split                 10k requests over a 3-version endpoint
     python3 loadtest/scenarios.py memory [--soak-seconds 600]
                                                         RSS idle, with 10k idle connections,
-                                                        and over a long steady run
+                                                        1 s and 15 s after they closed, and
+                                                        over a long steady run
     python3 loadtest/scenarios.py syscalls              syscalls per request (strace -c)
     python3 loadtest/scenarios.py instructions          instructions per request (callgrind)
     python3 loadtest/scenarios.py spike                 an open-loop step to 10x what one
@@ -544,6 +545,10 @@ def drain_answers(socks):
             data += chunk
 
 
+# When the memory scenario reads RSS again after the idle connections have closed.
+AFTER_CLOSE_SECONDS = (1, 15)
+
+
 def memory(args, run):
     import resource
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -576,19 +581,35 @@ def memory(args, run):
             time.sleep(min(10, max(1, secs / 60)))
         results["soak"] = {"seconds": secs, "rate": 2000, "rss_kib": samples}
     for name, proc, port in [("scorefront", sf.proc, sf.port), ("nginx", ng.proc, ng.port)]:
+        before = rss_kib(proc.pid)
         socks = hold_idle_connections(port, idle, "/api/v1/endpoint/bench/score")
         time.sleep(1)
         held = rss_kib(proc.pid)
         for s in socks:
             s.close()
-        results[name] = {"rss_kib_after_warmup": warm[name], f"rss_kib_with_{idle}_idle": held}
+        # What the process gives back once the connections are gone, and how soon.
+        closed_at, after = time.monotonic(), {}
+        for t in AFTER_CLOSE_SECONDS:
+            time.sleep(max(0, closed_at + t - time.monotonic()))
+            after[str(t)] = rss_kib(proc.pid)
+        per_conn = (held - before) / idle
+        results[name] = {"rss_kib_after_warmup": warm[name], f"rss_kib_with_{idle}_idle": held,
+                         "kib_per_idle_connection": per_conn,
+                         "rss_kib_after_close": after}
         log(f"{name}: RSS {warm[name] / 1024:.1f} MiB after warm-up, "
-            f"{held / 1024:.1f} MiB with {idle} idle keep-alive connections")
-    lines = ["| | RSS after warm-up | RSS with %d idle connections |" % idle, "|---|---|---|"]
+            f"{held / 1024:.1f} MiB with {idle} idle keep-alive connections "
+            f"({per_conn:.1f} KiB each), "
+            + ", ".join(f"{v / 1024:.1f} MiB {t} s after they closed" for t, v in after.items()))
+    lines = ["| | RSS after warm-up | RSS with %d idle connections | per idle connection | "
+             % idle + " | ".join(f"RSS {t} s after they closed" for t in AFTER_CLOSE_SECONDS)
+             + " |", "|---|---|---|---|" + "---|" * len(AFTER_CLOSE_SECONDS)]
     for name in ("scorefront", "nginx"):
         r = results[name]
         lines.append(f"| {name} | {r['rss_kib_after_warmup'] / 1024:.1f} MiB | "
-                     f"{r[f'rss_kib_with_{idle}_idle'] / 1024:.1f} MiB |")
+                     f"{r[f'rss_kib_with_{idle}_idle'] / 1024:.1f} MiB | "
+                     f"{r['kib_per_idle_connection']:.1f} KiB | "
+                     + " | ".join(f"{v / 1024:.1f} MiB" for v in r["rss_kib_after_close"].values())
+                     + " |")
     if samples:
         rss = [s[1] for s in samples]
         lines.append(f"\nscorefront over {secs} s at 2000 req/s: RSS first "
