@@ -254,6 +254,25 @@ async fn replica_pids(served: &Served) -> [i32; 2] {
     .await
 }
 
+/// A replica command starts with no signal blocked, so the SIGTERM that stops it can end it
+/// gracefully (before, the guard's own blocked signals were inherited: every stop waited
+/// for the SIGKILL after the grace period).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_command_starts_with_no_signal_blocked() {
+    let router = Router::start(&command_endpoint(&generation("one"))).await;
+    let url = router.url("/api/v1/service/fraud/score");
+    for pid in both_replicas_answer(&url).await {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let blocked = status.lines().find(|l| l.starts_with("SigBlk:")).unwrap();
+        assert_eq!(
+            blocked.split_whitespace().nth(1),
+            Some("0000000000000000"),
+            "replica {pid}: {blocked}"
+        );
+    }
+    router.shutdown().await;
+}
+
 /// Kills scorefront with `signal` and waits for every process of its replica to die.
 async fn no_replica_process_survives(signal: i32) {
     let mut served = serve_with_worker().await;

@@ -87,11 +87,18 @@ fn run(lifeline: RawFd, command: OsString) -> i32 {
         .env_remove(COMMAND_ENV)
         .stdin(Stdio::null())
         .process_group(0);
-    // SAFETY: prctl is async-signal-safe; the guard has a single thread, so the signal
-    // comes when the guard process dies, not when some thread ends.
+    // SAFETY: prctl and sigprocmask are async-signal-safe; the guard has a single thread,
+    // so the death signal comes when the guard process dies, not when some thread ends.
     unsafe {
         cmd.pre_exec(|| {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The guard blocks the signals it reads from its signalfd; a blocked mask
+            // survives exec, and a command that never sees SIGTERM cannot stop gracefully.
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
