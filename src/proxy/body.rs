@@ -239,8 +239,12 @@ impl Drop for ProxyBody {
 /// the client's, so a chunked body is forwarded chunked even when read whole.
 #[derive(Debug)]
 pub struct Buffered {
-    head: VecDeque<Frame<Bytes>>,
-    /// Data bytes in `head`.
+    /// The first frame read, held inline: most bodies are one frame, which then costs no
+    /// allocation.
+    first: Option<Frame<Bytes>>,
+    /// Frames read after `first`, in order.
+    more: VecDeque<Frame<Bytes>>,
+    /// Data bytes in `first` and `more`.
     head_len: u64,
     rest: Incoming,
 }
@@ -249,7 +253,8 @@ impl Buffered {
     /// A body nothing has been read from yet.
     pub fn unread(body: Incoming) -> Self {
         Buffered {
-            head: VecDeque::new(),
+            first: None,
+            more: VecDeque::new(),
             head_len: 0,
             rest: body,
         }
@@ -264,7 +269,11 @@ impl Buffered {
             };
             let frame = frame?;
             self.head_len += frame.data_ref().map_or(0, |d| d.len() as u64);
-            self.head.push_back(frame);
+            if self.first.is_none() && self.more.is_empty() {
+                self.first = Some(frame);
+            } else {
+                self.more.push_back(frame);
+            }
         }
         Ok(())
     }
@@ -288,7 +297,7 @@ impl Body for Buffered {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        if let Some(frame) = self.head.pop_front() {
+        if let Some(frame) = self.first.take().or_else(|| self.more.pop_front()) {
             self.head_len -= frame.data_ref().map_or(0, |d| d.len() as u64);
             return Poll::Ready(Some(Ok(frame)));
         }
@@ -296,7 +305,7 @@ impl Body for Buffered {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.head.is_empty() && self.rest.is_end_stream()
+        self.first.is_none() && self.more.is_empty() && self.rest.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
