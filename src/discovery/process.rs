@@ -70,6 +70,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const ROLLOUT_DEADLINE: Duration = Duration::from_secs(60);
 /// A replica that ran this long before exiting restarts without accumulated backoff.
 const STABLE_RUN: Duration = Duration::from_secs(30);
+/// Time a stopping replica keeps serving after its withdrawal, before its requests are
+/// counted down: the routing table without it is published in far less.
+const WITHDRAW_SETTLE: Duration = Duration::from_millis(250);
 
 /// A set of identical replicas: same endpoint, version and source.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -648,6 +651,9 @@ impl ReplicaRun {
         }
         if let Ended::Stopped = ended {
             let deadline = Instant::now() + self.drain;
+            // The withdrawal reaches the routing table through the index: until the table
+            // without this replica is published, requests may still choose it.
+            sleep(WITHDRAW_SETTLE).await;
             while replica.in_flight() > 0 && Instant::now() < deadline {
                 sleep(Duration::from_millis(10)).await;
             }
