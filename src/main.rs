@@ -245,6 +245,8 @@ async fn serve(config: PathBuf) -> anyhow::Result<()> {
         admin: bind(cfg.listen.admin).await?,
     };
     let app = app::start(&config, listeners).await?;
+    #[cfg(target_env = "gnu")]
+    tokio::spawn(return_freed_memory());
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
@@ -252,6 +254,32 @@ async fn serve(config: PathBuf) -> anyhow::Result<()> {
     }
     app.shutdown().await;
     Ok(())
+}
+
+/// glibc's malloc keeps memory freed in the middle of its heaps, so what a burst of
+/// connections or requests used would stay in the process's RSS after they are gone. Once
+/// a second, when at least 4 MiB more of the heaps lies free than after the last trim, it
+/// is given back to the system (`malloc_trim`, off the runtime's workers).
+#[cfg(target_env = "gnu")]
+async fn return_freed_memory() {
+    const TRIM_AFTER_FREED: usize = 4 << 20;
+    // SAFETY: mallinfo2 only reads the allocator's statistics.
+    let free = || unsafe { libc::mallinfo2() }.fordblks;
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // What lay free after the last trim, or less if some of it has been reused since.
+    let mut baseline = free();
+    loop {
+        tick.tick().await;
+        let now = free();
+        if now > baseline + TRIM_AFTER_FREED {
+            // SAFETY: malloc_trim only gives back pages of the allocator's own free memory.
+            let _ = tokio::task::spawn_blocking(|| unsafe { libc::malloc_trim(0) }).await;
+            baseline = free();
+        } else {
+            baseline = baseline.min(now);
+        }
+    }
 }
 
 /// Everything `serve` would refuse at start besides the two files: the certificate and

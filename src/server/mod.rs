@@ -89,12 +89,14 @@ impl Builders {
         S: hyper::service::HttpService<Incoming, ResBody = Served> + Clone + Send + 'static,
         S::Future: Send + 'static,
     {
+        // Each protocol's connection state is boxed at its own size, so the connection's
+        // task does not reserve room for the largest of them (h2, or TLS) in every case.
         if h2 {
             let conn = self.h2.serve_connection(io, service);
-            drive(conn, activity, self.idle_timeout, stop).await
+            Box::pin(drive(conn, activity, self.idle_timeout, stop)).await
         } else {
             let conn = self.h1.serve_connection(io, service);
-            drive(conn, activity, self.idle_timeout, stop).await
+            Box::pin(drive(conn, activity, self.idle_timeout, stop)).await
         }
     }
 }
@@ -450,6 +452,9 @@ pub async fn serve_data(
                     continue;
                 }
             },
+            // Ended connections are reaped as they end: each holds its task's memory
+            // until then, which after a burst of connections could be most of the heap.
+            Some(_) = connections.join_next() => continue,
             () = crate::until_true(&mut stop) => break,
         };
         let open = Open::new(permit, metrics.connections.clone());
@@ -501,7 +506,9 @@ pub async fn serve_data(
                 match tls {
                     None => Ok(Prepared::Plain(io, h2)),
                     Some((acceptor, timeout)) => {
-                        let stream = handshake(acceptor, io, timeout)
+                        // Boxed: the handshake's state is large and a plain connection's
+                        // task would otherwise carry room for it.
+                        let stream = Box::pin(handshake(acceptor, io, timeout))
                             .await
                             .map_err(|e| format!("TLS handshake failed: {e}"))?;
                         let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
@@ -518,7 +525,7 @@ pub async fn serve_data(
                     (builders.serve(TokioIo::new(s), h2, service, &activity, &mut draining)).await
                 }
                 Ok(Prepared::Tls(s, h2)) => {
-                    (builders.serve(TokioIo::new(*s), h2, service, &activity, &mut draining)).await
+                    (builders.serve(TokioIo::new(s), h2, service, &activity, &mut draining)).await
                 }
                 Err(e) => {
                     tracing::debug!(client = %addr, "{e}");
