@@ -49,38 +49,6 @@ fn raw_request(extra_headers: &str, body: &str) -> String {
     )
 }
 
-/// Reads one HTTP/1.1 response with a `content-length` off `stream`: (status, body).
-async fn read_response(stream: &mut TcpStream) -> (u16, String) {
-    let mut buf = Vec::new();
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        let mut chunk = [0u8; 4096];
-        let n = stream.read(&mut chunk).await.expect("read");
-        assert!(n > 0, "closed before a response: {buf:?}");
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8(buf[..head_end].to_vec()).unwrap();
-    let status = head[9..12].parse().unwrap();
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            let (name, value) = l.split_once(':')?;
-            name.eq_ignore_ascii_case("content-length")
-                .then(|| value.trim().parse().unwrap())
-        })
-        .expect("content-length");
-    while buf.len() < head_end + len {
-        let mut chunk = [0u8; 4096];
-        let n = stream.read(&mut chunk).await.expect("read");
-        assert!(n > 0, "closed in the middle of a body");
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let body = String::from_utf8(buf[head_end..head_end + len].to_vec()).unwrap();
-    (status, body)
-}
-
 /// Waits up to `within` for the peer to close `stream` (reads nothing more than EOF).
 async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
     let mut byte = [0u8; 1];

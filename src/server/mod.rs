@@ -309,6 +309,14 @@ impl AsyncRead for ClientIo {
             let n = (p.end - p.start).min(buf.remaining());
             buf.put_slice(&p.bytes[p.start..p.start + n]);
             p.start += n;
+            // What followed the sniffed bytes comes in the same read: a read that returned
+            // only them would make hyper reserve a second read buffer's worth on top of
+            // its first, and every connection would keep 16 KiB instead of 8. Whatever
+            // the socket says now (nothing yet, its end, an error) the next read says
+            // again.
+            if p.start == p.end && buf.remaining() > 0 {
+                let _ = Pin::new(&mut self.stream).poll_read(cx, buf);
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.stream).poll_read(cx, buf)
