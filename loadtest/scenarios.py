@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Load scenarios for scorefront, each one command (see loadtest/README.md).
 
-    python3 loadtest/scenarios.py overhead [--reps 5]   direct vs scorefront vs nginx
+    python3 loadtest/scenarios.py overhead [--reps 5]   direct vs scorefront vs the peers
     python3 loadtest/scenarios.py tls [--reps 5]        the same over TLS 1.3, and handshakes
     python3 loadtest/scenarios.py split                 10k requests over a 3-version endpoint
     python3 loadtest/scenarios.py memory [--soak-seconds 600]
@@ -18,6 +18,8 @@
                                                         replica, SIGHUP, key rotation and
                                                         replica command changes along the way
 
+overhead, tls, memory, syscalls and instructions compare scorefront with its peers, the
+reverse proxies chosen by --peers (nginx, and HAProxy when it is installed).
 Every run builds the release binaries, starts its own servers on loopback ports, stops
 them at the end, and writes `results.json` (and `report.md`) into `--out` (default
 target/scenarios/NAME). On two or more cores the load generator runs on core 0 and
@@ -30,6 +32,7 @@ import atexit
 import json
 import math
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -111,16 +114,24 @@ def build():
     )
 
 
-def nginx_binary():
-    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+def installed(name):
+    """The path of a program on PATH or in /usr/sbin, or None."""
+    found = shutil.which(name) or f"/usr/sbin/{name}"
+    return found if Path(found).exists() else None
+
+
+def peer_binary(name):
+    """A peer proxy's binary, installed from its Debian package when missing (as root)."""
+    found = installed(name)
     if found:
         return found
+    package = PEERS[name].package
     if os.geteuid() == 0 and shutil.which("apt-get"):
-        log("installing nginx-light ...")
+        log(f"installing {package} ...")
         subprocess.run(["apt-get", "update", "-qq"], check=True)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "nginx-light"], check=True)
-        return shutil.which("nginx") or "/usr/sbin/nginx"
-    sys.exit("nginx is needed for this scenario: apt-get install nginx-light")
+        subprocess.run(["apt-get", "install", "-y", "-qq", package], check=True)
+        return installed(name) or sys.exit(f"{package} installed no {name} binary")
+    sys.exit(f"{name} is needed for this scenario: apt-get install {package}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -233,6 +244,8 @@ class Nginx:
     """nginx as a reverse proxy: one worker, keep-alive to the model, access log on.
     With `wrap` (a command to run it under), the worker is the master process itself."""
 
+    package = "nginx-light"
+
     def __init__(self, run, core, model_port, tls=None, wrap=()):
         self.port = free_port()
         nginx = run / "nginx"
@@ -275,7 +288,7 @@ http {{
 }}
 """)
         self.proc = start(
-            [*wrap, nginx_binary(), "-p", str(nginx), "-e", str(nginx / "error.log"),
+            [*wrap, peer_binary("nginx"), "-p", str(nginx), "-e", str(nginx / "error.log"),
              "-c", str(nginx / "nginx.conf")],
             run / "nginx.log", core=core,
         )
@@ -283,6 +296,72 @@ http {{
         self.url = f"http://127.0.0.1:{self.port}/api/v1/endpoint/bench/score"
         if tls:
             self.tls_url = f"https://localhost:{self.tls_port}/api/v1/endpoint/bench/score"
+
+
+class Haproxy:
+    """HAProxy set up like the nginx peer: one process with one thread, keep-alive to the
+    model (idle server connections shared by all clients), an access log line per request
+    (to its stdout, a file), the same path prefix routed and stripped."""
+
+    package = "haproxy"
+
+    def __init__(self, run, core, model_port, tls=None, wrap=()):
+        self.port = free_port()
+        home = run / "haproxy"
+        home.mkdir(exist_ok=True)
+        ssl = ""
+        if tls:
+            # HAProxy takes the certificate and its key from one PEM file.
+            self.tls_port = free_port()
+            pem = home / "server.pem"
+            pem.write_bytes(Path(tls[0]).read_bytes() + Path(tls[1]).read_bytes())
+            ssl = (f"    bind 127.0.0.1:{self.tls_port} ssl crt {pem} ssl-min-ver TLSv1.3 "
+                   f"curves X25519 no-tls-tickets\n")
+        # maxconn matches nginx's worker_connections; the timeouts its defaults
+        # (keepalive_timeout 75 s, proxy_read_timeout 60 s). HAProxy wants two descriptors
+        # per connection and by default refuses to start when it cannot raise its limit
+        # that far; these runs need one per client connection (no strict-limits).
+        (home / "haproxy.cfg").write_text(f"""
+global
+    nbthread 1
+    maxconn 18000
+    no strict-limits
+    tune.ssl.cachesize 0
+    log stdout format raw local0 info
+defaults
+    mode http
+    log global
+    option httplog
+    maxconn 18000
+    timeout connect 5s
+    timeout client 75s
+    timeout http-keep-alive 75s
+    timeout server 60s
+frontend bench
+    bind 127.0.0.1:{self.port}
+{ssl}    use_backend model if {{ path_beg /api/v1/endpoint/bench/ }}
+backend model
+    option http-keep-alive
+    http-reuse always
+    http-request replace-path /api/v1/endpoint/bench/(.*) /\\1
+    server model 127.0.0.1:{model_port}
+""")
+        self.proc = start(
+            [*wrap, peer_binary("haproxy"), "-db", "-f", str(home / "haproxy.cfg")],
+            run / "haproxy.log", core=core,
+        )
+        wait_port(self.port, "haproxy", self.proc, timeout=60 if wrap else 20)
+        self.url = f"http://127.0.0.1:{self.port}/api/v1/endpoint/bench/score"
+        if tls:
+            self.tls_url = f"https://localhost:{self.tls_port}/api/v1/endpoint/bench/score"
+
+
+PEERS = {"nginx": Nginx, "haproxy": Haproxy}
+
+
+def start_peers(args, run, core, model_port, tls=None):
+    """The chosen peer proxies (--peers), in front of the model on `model_port`."""
+    return {name: PEERS[name](run, core, model_port, tls=tls) for name in args.peers}
 
 
 # ---------------------------------------------------------------------------------------
@@ -396,6 +475,13 @@ def markdown(table, base, other, direct=None):
     return "\n".join(lines)
 
 
+def against(tables, direct=None):
+    """One table per peer: scorefront's ratios to it (tables[peer] from ratio_table)."""
+    return "\n\n".join(f"## scorefront against {peer}\n\n"
+                        + markdown(table, peer, "scorefront", direct=direct)
+                        for peer, table in tables.items())
+
+
 def machine():
     model = ""
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -424,6 +510,7 @@ def load_points(quick):
         ("1 conn", ["-c", "1", "-n", str(n // 3), "--warmup-requests", "500"]),
         ("16 conns", ["-c", "16", "-n", str(n), "--warmup-requests", "2000"]),
         ("64 conns", ["-c", "64", "-n", str(n), "--warmup-requests", "2000"]),
+        ("256 conns", ["-c", "256", "-n", str(n), "--warmup-requests", "2000"]),
         ("5k rps", ["-c", "64", "--rate", "5000", "-d", "2" if quick else "6",
                     "--warmup-requests", "500"]),
     ]
@@ -434,16 +521,17 @@ def overhead(args, run):
     model = Model(run, served)
     sf = Scorefront(run, served, [("blue", 90, f"127.0.0.1:{model.port}"),
                                   ("green", 10, f"127.0.0.1:{model.port}")])
-    ng = Nginx(run, served, model.port)
+    peers = start_peers(args, run, served, model.port)
     targets = {
         "direct": (model.proc.pid, model.url),
         "scorefront": (sf.proc.pid, sf.url),
-        "nginx": (ng.proc.pid, ng.url),
+        **{name: (p.proc.pid, p.url) for name, p in peers.items()},
     }
     rows = interleaved(run, args.reps, load_points(args.quick), targets, gen)
-    table = ratio_table(rows, "nginx", "scorefront", direct="direct")
-    finish(run, "overhead", {"reps": args.reps, "rows": rows, "vs_nginx": table},
-           markdown(table, "nginx", "scorefront", direct="direct")
+    tables = {name: ratio_table(rows, name, "scorefront", direct="direct") for name in peers}
+    finish(run, "overhead", {"reps": args.reps, "rows": rows,
+                             **{f"vs_{name}": t for name, t in tables.items()}},
+           against(tables, direct="direct")
            + "\n\nRatios are medians of per-repetition ratios; CPU is the proxy's own "
              "(all its threads), from /proc; added p50 is over the direct run of the "
              "same repetition; steal is the median share of machine time the hypervisor "
@@ -471,8 +559,9 @@ def tls(args, run):
     model = Model(run, served)
     sf = Scorefront(run, served, [("blue", 90, f"127.0.0.1:{model.port}"),
                                   ("green", 10, f"127.0.0.1:{model.port}")], tls=(cert, key))
-    ng = Nginx(run, served, model.port, tls=(cert, key))
-    targets = {"scorefront": (sf.proc.pid, sf.tls_url), "nginx": (ng.proc.pid, ng.tls_url)}
+    peers = start_peers(args, run, served, model.port, tls=(cert, key))
+    targets = {"scorefront": (sf.proc.pid, sf.tls_url),
+               **{name: (p.proc.pid, p.tls_url) for name, p in peers.items()}}
     n = 3000 if args.quick else 20000
     h = 500 if args.quick else 3000
     points = [
@@ -480,16 +569,17 @@ def tls(args, run):
         ("new conn per request", ["-c", "16", "-n", str(h), "--new-connection-per-request"]),
     ]
     rows = interleaved(run, args.reps, points, targets, gen, ca=ca)
-    table = ratio_table(rows, "nginx", "scorefront")
+    tables = {name: ratio_table(rows, name, "scorefront") for name in peers}
     handshake = {
         t: median([nc["cpu_us_per_request"] - ka["cpu_us_per_request"]
                    for ka, nc in zip(rows["keep-alive 16 conns"][t],
                                      rows["new conn per request"][t])])
         for t in targets
     }
-    finish(run, "tls", {"reps": args.reps, "rows": rows, "vs_nginx": table,
+    finish(run, "tls", {"reps": args.reps, "rows": rows,
+                        **{f"vs_{name}": t for name, t in tables.items()},
                         "handshake_cpu_us": handshake},
-           markdown(table, "nginx", "scorefront")
+           against(tables)
            + "\n\nServer CPU per full TLS 1.3 handshake (ECDSA P-256, X25519; new-connection "
              "CPU per request minus keep-alive CPU per request): "
            + ", ".join(f"{t} {v:.0f} us" for t, v in handshake.items()))
@@ -518,7 +608,6 @@ def split(args, run):
 def hold_idle_connections(port, count, path):
     """Opens `count` connections, sends one request on each, reads its answer, and keeps
     them open (idle keep-alive). Returns the sockets."""
-    import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, count + 1000), hard))
     req = (f"POST {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {KEY}\r\n"
@@ -550,18 +639,16 @@ AFTER_CLOSE_SECONDS = (1, 15)
 
 
 def memory(args, run):
-    import resource
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it
     gen, served = cores() or (None, None)
     model = Model(run, served)
     sf = Scorefront(run, served, [("blue", 90, f"127.0.0.1:{model.port}"),
                                   ("green", 10, f"127.0.0.1:{model.port}")])
-    ng = Nginx(run, served, model.port)
+    proxies = {"scorefront": sf, **start_peers(args, run, served, model.port)}
     results = {}
     idle = args.idle_connections
     warm = {}
-    for name, proc, port in [("scorefront", sf.proc, sf.port), ("nginx", ng.proc, ng.port)]:
+    for name, proxy in proxies.items():
+        proc, port = proxy.proc, proxy.port
         load(run, f"{name}-warm", f"http://127.0.0.1:{port}/api/v1/endpoint/bench/score",
              ["-c", "16", "-n", "20000"], gen)
         time.sleep(1)
@@ -580,7 +667,8 @@ def memory(args, run):
             samples.append((round(time.monotonic() - start_t), rss_kib(sf.proc.pid)))
             time.sleep(min(10, max(1, secs / 60)))
         results["soak"] = {"seconds": secs, "rate": 2000, "rss_kib": samples}
-    for name, proc, port in [("scorefront", sf.proc, sf.port), ("nginx", ng.proc, ng.port)]:
+    for name, proxy in proxies.items():
+        proc, port = proxy.proc, proxy.port
         before = rss_kib(proc.pid)
         socks = hold_idle_connections(port, idle, "/api/v1/endpoint/bench/score")
         time.sleep(1)
@@ -603,7 +691,7 @@ def memory(args, run):
     lines = ["| | RSS after warm-up | RSS with %d idle connections | per idle connection | "
              % idle + " | ".join(f"RSS {t} s after they closed" for t in AFTER_CLOSE_SECONDS)
              + " |", "|---|---|---|---|" + "---|" * len(AFTER_CLOSE_SECONDS)]
-    for name in ("scorefront", "nginx"):
+    for name in proxies:
         r = results[name]
         lines.append(f"| {name} | {r['rss_kib_after_warmup'] / 1024:.1f} MiB | "
                      f"{r[f'rss_kib_with_{idle}_idle'] / 1024:.1f} MiB | "
@@ -625,10 +713,11 @@ def syscalls(args, run):
     model = Model(run, served)
     sf = Scorefront(run, served, [("blue", 90, f"127.0.0.1:{model.port}"),
                                   ("green", 10, f"127.0.0.1:{model.port}")])
-    ng = Nginx(run, served, model.port)
+    proxies = {"scorefront": sf, **start_peers(args, run, served, model.port)}
     n = 20000
     results = {}
-    for name, proc, url in [("scorefront", sf.proc, sf.url), ("nginx", ng.proc, ng.url)]:
+    for name, proxy in proxies.items():
+        proc, url = proxy.proc, proxy.url
         load(run, f"{name}-warm", url, ["-c", "16", "-n", "2000"], gen)
         out = run / f"{name}.strace"
         tracer = subprocess.Popen(
@@ -666,11 +755,11 @@ def instructions(args, run):
     versions = [("blue", 90, f"127.0.0.1:{model.port}"), ("green", 10, f"127.0.0.1:{model.port}")]
     n = 20000
     results = {}
-    for name in ("scorefront", "nginx"):
+    for name in ("scorefront", *args.peers):
         out = run / f"{name}.callgrind"
         wrap = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
         proxy = (Scorefront(run, served, versions, wrap=wrap) if name == "scorefront"
-                 else Nginx(run, served, model.port, wrap=wrap))
+                 else PEERS[name](run, served, model.port, wrap=wrap))
         load(run, f"{name}-warm", proxy.url, ["-c", "16", "-n", "2000"], gen)
         subprocess.run(["callgrind_control", "-z", str(proxy.proc.pid)], check=True,
                        capture_output=True)
@@ -686,11 +775,12 @@ def instructions(args, run):
         proxy.proc.wait(timeout=60)
         results[name] = {"requests": n, "instructions": total, "per_request": total / n}
         log(f"{name}: {total / n:.0f} instructions per request")
-    ratio = results["scorefront"]["per_request"] / results["nginx"]["per_request"]
+    ours = results["scorefront"]["per_request"]
     finish(run, "instructions", results, "\n".join([
         "| | instructions per request (user space) |", "|---|---|",
         *(f"| {k} | {v['per_request']:.0f} |" for k, v in results.items()),
-        f"\nscorefront/nginx: {ratio:.2f}x",
+        "",
+        *(f"scorefront/{p}: {ours / results[p]['per_request']:.2f}x" for p in args.peers),
     ]))
 
 
@@ -728,7 +818,7 @@ def spike(args, run):
         f"      autoscale: {{minReplicas: 1, maxReplicas: {need + 5}, targetUtilization: {target}, "
         f"refreshSeconds: 1, scaleDownDelaySeconds: 60}}\n"
     )
-    sf = serve(run, port, served)
+    serve(run, port, served)
     url = f"http://127.0.0.1:{port}/api/v1/endpoint/spike/score"
     ready = 'scorefront_replicas{version="blue",state="ready"}'
     desired = 'scorefront_desired_replicas{version="blue"}'
@@ -1020,6 +1110,15 @@ def chart(path, points, ready, desired):
     Path(path).write_text("\n".join(out))
 
 
+def peer_list(text):
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in PEERS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of {', '.join(PEERS)}, got {text!r}")
+    return names
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("scenario", choices=["overhead", "tls", "split", "memory", "syscalls",
@@ -1036,6 +1135,10 @@ def main():
                         help="spike: the sample model's time per request")
     parser.add_argument("--before-seconds", type=int, default=10, help="spike")
     parser.add_argument("--spike-seconds", type=int, default=60, help="spike")
+    parser.add_argument("--peers", type=peer_list,
+                        default=["nginx"] + (["haproxy"] if installed("haproxy") else []),
+                        help="the proxies scorefront is compared with, comma-separated "
+                             "(default: nginx, and haproxy when it is installed)")
     parser.add_argument("--out", type=Path, help="result folder")
     parser.add_argument("--no-build", action="store_true", help="use the binaries as built")
     args = parser.parse_args()
@@ -1045,6 +1148,9 @@ def main():
     run.mkdir(parents=True)
     if not args.no_build:
         build()
+    # Servers hold a descriptor per connection (256 busy, 10k idle): children inherit it.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     globals()[args.scenario](args, run)
 
 
