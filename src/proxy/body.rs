@@ -31,7 +31,7 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use super::{
-    forward::Conn,
+    forward::UpstreamBody,
     headers::RequestIds,
     slots::Slot,
     table::{EndpointRoute, VersionRoute},
@@ -64,14 +64,13 @@ pub struct ProxyBody {
 
 enum Inner {
     Full(Option<Bytes>),
-    Stream(Incoming),
+    Stream(UpstreamBody),
 }
 
-/// What a response from a replica holds until its body is done.
+/// What a response from a replica holds until its body is done (the body itself holds
+/// the connection).
 pub struct Upstream {
     pub slot: Slot,
-    /// `None` when the connection must not be reused.
-    pub conn: Option<Conn>,
     pub deadline: Pin<Box<Sleep>>,
     pub sent_at: Instant,
 }
@@ -102,7 +101,7 @@ impl ProxyBody {
         self
     }
 
-    pub fn upstream(body: Incoming, upstream: Upstream, record: Record) -> Self {
+    pub fn upstream(body: UpstreamBody, upstream: Upstream, record: Record) -> Self {
         ProxyBody {
             inner: Inner::Stream(body),
             upstream: Some(upstream),
@@ -113,9 +112,6 @@ impl ProxyBody {
     }
 
     fn fail(&mut self, outcome: &'static str) {
-        if let Some(up) = self.upstream.as_mut() {
-            up.conn = None;
-        }
         self.record.outcome = outcome;
     }
 
@@ -191,9 +187,9 @@ impl Body for ProxyBody {
                 match Pin::new(body).poll_frame(cx) {
                     Poll::Ready(Some(Err(e))) => {
                         this.fail("replica failed while streaming the response");
-                        Poll::Ready(Some(Err(e.into())))
+                        Poll::Ready(Some(Err(e)))
                     }
-                    other => other.map_err(|e| e.into()),
+                    other => other,
                 }
             }
         };
@@ -223,7 +219,10 @@ impl Drop for ProxyBody {
         if let Some(up) = self.upstream.take() {
             // Measured when the record is written, with the same clock read as the total.
             self.record.upstream = Some(up.sent_at);
-            if complete && let Some(conn) = up.conn {
+            if complete
+                && let Inner::Stream(body) = &mut self.inner
+                && let Some(conn) = body.reusable_conn()
+            {
                 up.slot.replica().conns.put(conn);
             }
             // `up.slot` drops here: the replica's capacity is free again.
@@ -281,6 +280,18 @@ impl Buffered {
     /// Data bytes buffered and not yet handed out.
     pub fn buffered(&self) -> u64 {
         self.head_len
+    }
+
+    /// The data already read, and whether it is the whole body.
+    pub fn peek(&self) -> (impl Iterator<Item = &Bytes>, bool) {
+        let data = self.head.iter().filter_map(Frame::data_ref);
+        (data, self.rest.is_end_stream())
+    }
+
+    /// Drops what was read: it has been sent on from [`Buffered::peek`].
+    pub fn discard_buffered(&mut self) {
+        self.head.clear();
+        self.head_len = 0;
     }
 
     /// The part of the body not read yet.
