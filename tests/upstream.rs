@@ -421,7 +421,7 @@ async fn a_replica_streaming_while_it_reads_gets_the_rest_of_the_body() {
         // Echo the chunked request body's bytes until its last chunk.
         loop {
             if !buf.is_empty() {
-                let piece: Vec<u8> = buf.drain(..).collect();
+                let piece = std::mem::take(&mut buf);
                 let last = piece.ends_with(b"0\r\n\r\n");
                 s.write_all(format!("{:x}\r\n", piece.len()).as_bytes())
                     .await
