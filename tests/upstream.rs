@@ -351,7 +351,8 @@ async fn head_204_and_304_answers_have_no_body_and_keep_the_connection() {
 async fn bodies_without_a_length_are_sent_chunked() {
     let replica =
         Raw::start(|_| Reply::new(&[b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"])).await;
-    let router = router_for(&replica).await;
+    // Without the body read first, its length is not known when it is sent.
+    let router = streaming_router(replica.addr).await;
     let chunks = ["ab", "cdef", "g"].map(Bytes::from);
     let req = scoring("POST", &url(&router))
         .body(chunked(chunks, Duration::ZERO))
@@ -511,6 +512,9 @@ async fn bodies_cut_short_or_badly_chunked_fail_the_client_stream() {
     let replica = Raw::start(|head| {
         let pieces: &[&[u8]] = if head.contains("x-short") {
             &[b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc"]
+        } else if head.contains("x-bare-cr") {
+            // A CR before the chunk size line's CRLF: not a size line.
+            &[b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\r\nabc\r\n0\r\n\r\n"]
         } else {
             &[b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n"]
         };
@@ -518,7 +522,7 @@ async fn bodies_cut_short_or_badly_chunked_fail_the_client_stream() {
     })
     .await;
     let router = router_for(&replica).await;
-    for header in ["x-short", "x-bad-chunk"] {
+    for header in ["x-short", "x-bad-chunk", "x-bare-cr"] {
         // The head may or may not have left the router before the body failed; either
         // way the client must not get a whole answer.
         let req = scoring_post(&url(&router), KEY, &[(header, "1")], "{}");
@@ -529,4 +533,92 @@ async fn bodies_cut_short_or_badly_chunked_fail_the_client_stream() {
         }
     }
     router.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_replicas_own_reason_phrase_reaches_the_client() {
+    let replica =
+        Raw::start(|_| Reply::new(&[b"HTTP/1.1 200 Scored Fine\r\ncontent-length: 2\r\n\r\nok"]))
+            .await;
+    let router = router_for(&replica).await;
+    let mut client = TcpStream::connect(router.http).await.unwrap();
+    let request = format!(
+        "POST /api/v1/service/up/score HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\n\
+         content-length: 2\r\n\r\n{{}}"
+    );
+    client.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let end = read_until(&mut client, &mut buf, b"\r\n").await.unwrap();
+    assert_eq!(&buf[..end], b"HTTP/1.1 200 Scored Fine\r\n");
+    router.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_h2_body_without_a_length_goes_with_the_length_it_turned_out_to_have() {
+    let replica =
+        Raw::start(|_| Reply::new(&[b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"])).await;
+    let router = router_for(&replica).await;
+    let tcp = TcpStream::connect(router.http).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    // A body of unknown length: h2 sends no content-length for it.
+    let (tx, rx) = mpsc::channel(1);
+    let req = scoring("POST", &url(&router))
+        .body(ChannelBody(rx).boxed())
+        .unwrap();
+    let answer = tokio::spawn(sender.send_request(req));
+    tx.send(Bytes::from_static(b"hello")).await.unwrap();
+    drop(tx);
+    assert_eq!(answer.await.unwrap().unwrap().status(), 200);
+    // The router read all of it before forwarding, so it sends it with its length, as a
+    // model server that cannot read a chunked request body needs.
+    let head = replica.seen()[0].head.to_ascii_lowercase();
+    assert!(head.contains("content-length: 5\r\n"), "{head}");
+    assert!(!head.contains("transfer-encoding"), "{head}");
+    assert_eq!(replica.seen()[0].body, b"hello");
+    router.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_request_body_cut_after_an_early_answer_ends_the_answer_at_once() {
+    // The replica sends its head at once and then reads the request body to its end
+    // before it goes on: it waits for a body that will not come.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let replica = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = Vec::new();
+        read_until(&mut s, &mut buf, b"\r\n\r\n").await.unwrap();
+        s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            .await
+            .unwrap();
+        while read_more(&mut s, &mut buf).await > 0 {}
+    });
+    let router = Router::start_with(
+        &router_config("clients: {requestBufferBytes: 0}\nmaxRequestBodyBytes: 10\n"),
+        &one_version("up", &[addr], ""),
+    )
+    .await;
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(Bytes::from("12345")).await.unwrap();
+    let req = scoring("POST", &url(&router))
+        .body(http_body_util::combinators::BoxBody::new(ChannelBody(rx)))
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    // Over the limit: the router stops sending, and the answer must end now, not at the
+    // scoring timeout.
+    tx.send(Bytes::from("67890-too-much")).await.unwrap();
+    let body = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
+        .await
+        .expect("the answer ends before the scoring timeout");
+    assert!(body.is_err(), "a cut answer must not look whole");
+    drop(tx);
+    router.shutdown().await;
+    replica.abort();
 }

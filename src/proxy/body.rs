@@ -246,6 +246,9 @@ pub struct Buffered {
     /// Data bytes in `first` and `more`.
     head_len: u64,
     rest: Incoming,
+    /// `rest` has said it ended, which h2 may say only when asked for one more frame: the
+    /// body's length is then known although the client did not give it.
+    rest_ended: bool,
 }
 
 impl Buffered {
@@ -256,14 +259,16 @@ impl Buffered {
             more: VecDeque::new(),
             head_len: 0,
             rest: body,
+            rest_ended: false,
         }
     }
 
     /// Reads frames until the body ends or at least `max` data bytes are buffered. Safe
     /// to cancel: a frame is kept once read, and the body stays whole.
     pub async fn fill(&mut self, max: u64) -> Result<(), hyper::Error> {
-        while self.head_len < max && !self.rest.is_end_stream() {
+        while self.head_len < max && !self.rest_ended && !self.rest.is_end_stream() {
             let Some(frame) = self.rest.frame().await else {
+                self.rest_ended = true;
                 break;
             };
             let frame = frame?;
@@ -284,13 +289,14 @@ impl Buffered {
 
     /// The data already read, and whether it is the whole body.
     pub fn peek(&self) -> (impl Iterator<Item = &Bytes>, bool) {
-        let data = self.head.iter().filter_map(Frame::data_ref);
-        (data, self.rest.is_end_stream())
+        let data = (self.first.iter().chain(&self.more)).filter_map(Frame::data_ref);
+        (data, self.rest_ended || self.rest.is_end_stream())
     }
 
     /// Drops what was read: it has been sent on from [`Buffered::peek`].
     pub fn discard_buffered(&mut self) {
-        self.head.clear();
+        self.first = None;
+        self.more.clear();
         self.head_len = 0;
     }
 
@@ -312,14 +318,22 @@ impl Body for Buffered {
             self.head_len -= frame.data_ref().map_or(0, |d| d.len() as u64);
             return Poll::Ready(Some(Ok(frame)));
         }
+        if self.rest_ended {
+            return Poll::Ready(None);
+        }
         Pin::new(&mut self.rest).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.first.is_none() && self.more.is_empty() && self.rest.is_end_stream()
+        self.first.is_none()
+            && self.more.is_empty()
+            && (self.rest_ended || self.rest.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
+        if self.rest_ended || self.rest.is_end_stream() {
+            return SizeHint::with_exact(self.head_len);
+        }
         let rest = self.rest.size_hint();
         let mut hint = SizeHint::new();
         hint.set_lower(rest.lower() + self.head_len);

@@ -33,6 +33,7 @@ use std::{
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body::{Body, Frame, SizeHint};
+use hyper::ext::ReasonPhrase;
 use tokio::{io::AsyncWrite, net::TcpStream, time::Instant};
 
 use super::body::{BoxError, Buffered};
@@ -52,7 +53,7 @@ const READ_SIZE: usize = 8 * 1024;
 /// Request body bytes encoded ahead of the socket before they are written.
 const WRITE_BATCH: usize = 64 * 1024;
 /// Buffers of a pooled connection grown past this are let go rather than kept idle.
-const KEEP_BUFFER: usize = 64 * 1024;
+const KEEP_BUFFER: usize = 16 * 1024;
 
 /// One HTTP/1.1 connection to a replica, between exchanges.
 #[derive(Debug)]
@@ -208,7 +209,7 @@ pub async fn send(
     settings: &UpstreamConfig,
 ) -> Result<Response<UpstreamBody>, SendError> {
     let (parts, body) = req.into_parts();
-    let mut sender = Sender::new(&parts.headers, body, limit);
+    let mut sender = Sender::new(&parts, body, limit);
     let not_sent = |parts, sender: Sender, reason| {
         Err(SendError::NotSent(
             Box::new(Request::from_parts(parts, sender.body)),
@@ -289,6 +290,9 @@ async fn exchange(
     let mut resp = Response::new(body);
     *resp.status_mut() = head.status;
     *resp.headers_mut() = head.headers;
+    if let Some(reason) = head.reason {
+        resp.extensions_mut().insert(reason);
+    }
     Ok(resp)
 }
 
@@ -308,6 +312,9 @@ struct Sender {
     body: RequestBody,
     /// Whether the body goes chunked (the client's had no length) or as it is.
     chunked: bool,
+    /// A `content-length` to add: the body's length is known although the client sent
+    /// none (h2 may leave it out).
+    length: Option<u64>,
     /// Data bytes taken from the body so far, against `limit`.
     taken: u64,
     limit: u64,
@@ -318,10 +325,18 @@ struct Sender {
 }
 
 impl Sender {
-    fn new(headers: &HeaderMap, body: RequestBody, limit: u64) -> Self {
+    /// The client's framing is kept: its `content-length` if it sent one, otherwise the
+    /// body's exact length if known (none for an empty body of a method that has no
+    /// use for one), otherwise chunked.
+    fn new(parts: &http::request::Parts, body: RequestBody, limit: u64) -> Self {
         let ended = body.is_end_stream();
+        let unframed = !ended && !parts.headers.contains_key(header::CONTENT_LENGTH);
+        let exact = body.size_hint().exact().filter(|_| unframed);
+        let bodyless = matches!(parts.method, Method::GET | Method::HEAD | Method::DELETE)
+            || parts.method == Method::OPTIONS;
         Sender {
-            chunked: !ended && !headers.contains_key(header::CONTENT_LENGTH),
+            chunked: unframed && exact.is_none(),
+            length: exact.filter(|&n| n > 0 || !bodyless),
             body,
             taken: 0,
             limit,
@@ -356,6 +371,10 @@ impl Sender {
         }
         if self.chunked {
             w.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        } else if let Some(n) = self.length {
+            w.extend_from_slice(b"content-length: ");
+            w.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+            w.extend_from_slice(b"\r\n");
         }
         w.extend_from_slice(b"\r\n");
         let (buffered, whole) = self.body.peek();
@@ -378,6 +397,13 @@ impl Sender {
             return Poll::Ready(Err(SendFail::Body(Failure::TooLarge)));
         }
         loop {
+            // What is written goes from the buffer's front before more is encoded: a
+            // replica that reads slowly takes a little at each write, and the buffer
+            // must not grow with the whole body meanwhile.
+            if conn.wpos >= WRITE_BATCH {
+                conn.wbuf.drain(..conn.wpos);
+                conn.wpos = 0;
+            }
             while self.written && !self.ended && conn.wbuf.len() - conn.wpos < WRITE_BATCH {
                 match Pin::new(&mut self.body).poll_frame(cx) {
                     Poll::Pending => break,
@@ -447,6 +473,8 @@ fn encode_data(w: &mut Vec<u8>, chunked: bool, data: &[u8]) {
 
 struct Head {
     status: StatusCode,
+    /// The replica's reason phrase where it is not the standard one, passed on as is.
+    reason: Option<ReasonPhrase>,
     headers: HeaderMap,
     framing: Framing,
     keep_alive: bool,
@@ -522,12 +550,17 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
         let value = h.value.as_ptr() as usize - base;
         *f = (name, name + h.name.len(), value, value + h.value.len());
     }
+    let reason = resp
+        .reason
+        .filter(|r| Some(*r) != status.canonical_reason())
+        .and_then(|r| ReasonPhrase::try_from(r.as_bytes().to_vec()).ok());
     let head = buf.split_to(len).freeze();
     let headers = header_map(&head, &fields[..count])?;
     let (framing, reusable) = response_framing(&headers, status, head_request)?;
     let keep_alive = reusable && !http10 && !super::headers::closes_connection(&headers);
     Ok(Some(Parsed::Final(Head {
         status,
+        reason,
         headers,
         framing,
         keep_alive,
@@ -676,9 +709,15 @@ impl Body for UpstreamBody {
                 Poll::Pending => {}
                 Poll::Ready(Ok(())) => this.sender = None,
                 // The replica answered without the rest; the connection is not reused.
-                Poll::Ready(Err(_)) => {
+                Poll::Ready(Err(SendFail::Write(_))) => {
                     this.sender = None;
                     this.keep_alive = false;
+                }
+                // The rest of the request will not come (too large, or the client's
+                // body failed): a replica that waits for it would hold the answer until
+                // the scoring timeout, so the exchange ends here.
+                Poll::Ready(Err(SendFail::Body(f))) => {
+                    return this.fail(format!("the request body was cut: {f}"));
                 }
             }
         }
@@ -799,7 +838,15 @@ fn chunk_size(buf: &[u8]) -> Result<Option<(usize, u64)>, String> {
         .strip_suffix(b"\r")
         .ok_or("invalid chunk size line: no CR before LF")?;
     let size_part = line.split(|b| *b == b';').next().unwrap_or_default();
+    // Only spaces and tabs may follow the digits: a lone CR or other whitespace there
+    // is how framing gets read two ways.
     let digits = size_part.trim_ascii_end();
+    if size_part[digits.len()..]
+        .iter()
+        .any(|b| !matches!(b, b' ' | b'\t'))
+    {
+        return Err("invalid chunk size".into());
+    }
     if digits.is_empty() || digits.len() > 16 || !digits.iter().all(u8::is_ascii_hexdigit) {
         return Err("invalid chunk size".into());
     }
