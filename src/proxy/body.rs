@@ -245,10 +245,9 @@ pub struct Buffered {
     more: VecDeque<Frame<Bytes>>,
     /// Data bytes in `first` and `more`.
     head_len: u64,
-    rest: Incoming,
-    /// `rest` has said it ended, which h2 may say only when asked for one more frame: the
-    /// body's length is then known although the client did not give it.
-    rest_ended: bool,
+    /// `None` once it has said it ended, which h2 may say only when asked for one more
+    /// frame: the body's length is then known although the client did not give it.
+    rest: Option<Incoming>,
 }
 
 impl Buffered {
@@ -258,17 +257,19 @@ impl Buffered {
             first: None,
             more: VecDeque::new(),
             head_len: 0,
-            rest: body,
-            rest_ended: false,
+            rest: Some(body),
         }
     }
 
     /// Reads frames until the body ends or at least `max` data bytes are buffered. Safe
     /// to cancel: a frame is kept once read, and the body stays whole.
     pub async fn fill(&mut self, max: u64) -> Result<(), hyper::Error> {
-        while self.head_len < max && !self.rest_ended && !self.rest.is_end_stream() {
-            let Some(frame) = self.rest.frame().await else {
-                self.rest_ended = true;
+        while self.head_len < max && !self.rest_done() {
+            let Some(rest) = self.rest.as_mut() else {
+                break;
+            };
+            let Some(frame) = rest.frame().await else {
+                self.rest = None;
                 break;
             };
             let frame = frame?;
@@ -290,7 +291,7 @@ impl Buffered {
     /// The data already read, and whether it is the whole body.
     pub fn peek(&self) -> (impl Iterator<Item = &Bytes>, bool) {
         let data = (self.first.iter().chain(&self.more)).filter_map(Frame::data_ref);
-        (data, self.rest_ended || self.rest.is_end_stream())
+        (data, self.rest_done())
     }
 
     /// Drops what was read: it has been sent on from [`Buffered::peek`].
@@ -301,8 +302,13 @@ impl Buffered {
     }
 
     /// The part of the body not read yet.
-    pub fn into_rest(self) -> Incoming {
+    pub fn into_rest(self) -> Option<Incoming> {
         self.rest
+    }
+
+    /// Whether the part not read yet is known to be empty.
+    fn rest_done(&self) -> bool {
+        self.rest.as_ref().is_none_or(Incoming::is_end_stream)
     }
 }
 
@@ -318,23 +324,21 @@ impl Body for Buffered {
             self.head_len -= frame.data_ref().map_or(0, |d| d.len() as u64);
             return Poll::Ready(Some(Ok(frame)));
         }
-        if self.rest_ended {
-            return Poll::Ready(None);
+        match self.rest.as_mut() {
+            Some(rest) => Pin::new(rest).poll_frame(cx),
+            None => Poll::Ready(None),
         }
-        Pin::new(&mut self.rest).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.first.is_none()
-            && self.more.is_empty()
-            && (self.rest_ended || self.rest.is_end_stream())
+        self.first.is_none() && self.more.is_empty() && self.rest_done()
     }
 
     fn size_hint(&self) -> SizeHint {
-        if self.rest_ended || self.rest.is_end_stream() {
+        let Some(rest) = self.rest.as_ref().filter(|r| !r.is_end_stream()) else {
             return SizeHint::with_exact(self.head_len);
-        }
-        let rest = self.rest.size_hint();
+        };
+        let rest = rest.size_hint();
         let mut hint = SizeHint::new();
         hint.set_lower(rest.lower() + self.head_len);
         if let Some(upper) = rest.upper() {

@@ -209,7 +209,7 @@ pub async fn send(
     settings: &UpstreamConfig,
 ) -> Result<Response<UpstreamBody>, SendError> {
     let (parts, body) = req.into_parts();
-    let mut sender = Sender::new(&parts, body, limit);
+    let mut sender = Sender::new(&parts.headers, body, limit);
     let not_sent = |parts, sender: Sender, reason| {
         Err(SendError::NotSent(
             Box::new(Request::from_parts(parts, sender.body)),
@@ -283,7 +283,7 @@ async fn exchange(
     };
     let body = UpstreamBody {
         conn: Some(conn),
-        sender: sending.then_some(sender),
+        sender: sending.then(|| Box::new(sender)),
         state: head.framing,
         keep_alive: head.keep_alive && !write_failed,
     };
@@ -310,11 +310,8 @@ enum SendFail {
 #[derive(Debug)]
 struct Sender {
     body: RequestBody,
-    /// Whether the body goes chunked (the client's had no length) or as it is.
+    /// Whether the body goes chunked (its length is not known) or as it is.
     chunked: bool,
-    /// A `content-length` to add: the body's length is known although the client sent
-    /// none (h2 may leave it out).
-    length: Option<u64>,
     /// Data bytes taken from the body so far, against `limit`.
     taken: u64,
     limit: u64,
@@ -326,17 +323,13 @@ struct Sender {
 
 impl Sender {
     /// The client's framing is kept: its `content-length` if it sent one, otherwise the
-    /// body's exact length if known (none for an empty body of a method that has no
-    /// use for one), otherwise chunked.
-    fn new(parts: &http::request::Parts, body: RequestBody, limit: u64) -> Self {
+    /// body's exact length if known (see [`Sender::start`]), otherwise chunked.
+    fn new(headers: &HeaderMap, body: RequestBody, limit: u64) -> Self {
         let ended = body.is_end_stream();
-        let unframed = !ended && !parts.headers.contains_key(header::CONTENT_LENGTH);
-        let exact = body.size_hint().exact().filter(|_| unframed);
-        let bodyless = matches!(parts.method, Method::GET | Method::HEAD | Method::DELETE)
-            || parts.method == Method::OPTIONS;
         Sender {
-            chunked: unframed && exact.is_none(),
-            length: exact.filter(|&n| n > 0 || !bodyless),
+            chunked: !ended
+                && !headers.contains_key(header::CONTENT_LENGTH)
+                && body.size_hint().exact().is_none(),
             body,
             taken: 0,
             limit,
@@ -371,7 +364,7 @@ impl Sender {
         }
         if self.chunked {
             w.extend_from_slice(b"transfer-encoding: chunked\r\n");
-        } else if let Some(n) = self.length {
+        } else if let Some(n) = self.added_length(parts) {
             w.extend_from_slice(b"content-length: ");
             w.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
             w.extend_from_slice(b"\r\n");
@@ -388,6 +381,21 @@ impl Sender {
                 w.extend_from_slice(b"0\r\n\r\n");
             }
         }
+    }
+
+    /// The `content-length` to add when the client sent none but the body's length is
+    /// known (h2 may leave it out), except for an empty body where the method has no use
+    /// for one.
+    fn added_length(&self, parts: &http::request::Parts) -> Option<u64> {
+        if self.chunked || parts.headers.contains_key(header::CONTENT_LENGTH) {
+            return None;
+        }
+        let bodyless = matches!(parts.method, Method::GET | Method::HEAD | Method::DELETE)
+            || parts.method == Method::OPTIONS;
+        self.body
+            .size_hint()
+            .exact()
+            .filter(|&n| n > 0 || !bodyless)
     }
 
     /// Writes what is encoded and encodes more as the body yields it; ready once the whole
@@ -656,7 +664,8 @@ enum Chunk {
 pub struct UpstreamBody {
     /// `None` once the connection failed.
     conn: Option<Conn>,
-    sender: Option<Sender>,
+    /// Boxed: only a replica that answers before the whole request has it needs one.
+    sender: Option<Box<Sender>>,
     state: Framing,
     keep_alive: bool,
 }

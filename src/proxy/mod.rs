@@ -134,7 +134,7 @@ impl Proxy {
             Err(err) => error_response(
                 err,
                 record,
-                body.map(Buffered::into_rest).filter(|_| drainable),
+                body.and_then(Buffered::into_rest).filter(|_| drainable),
             ),
         }
     }
