@@ -31,7 +31,7 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use super::{
-    forward::Conn,
+    forward::UpstreamBody,
     headers::RequestIds,
     slots::Slot,
     table::{EndpointRoute, VersionRoute},
@@ -64,14 +64,13 @@ pub struct ProxyBody {
 
 enum Inner {
     Full(Option<Bytes>),
-    Stream(Incoming),
+    Stream(UpstreamBody),
 }
 
-/// What a response from a replica holds until its body is done.
+/// What a response from a replica holds until its body is done (the body itself holds
+/// the connection).
 pub struct Upstream {
     pub slot: Slot,
-    /// `None` when the connection must not be reused.
-    pub conn: Option<Conn>,
     pub deadline: Pin<Box<Sleep>>,
     pub sent_at: Instant,
 }
@@ -102,7 +101,7 @@ impl ProxyBody {
         self
     }
 
-    pub fn upstream(body: Incoming, upstream: Upstream, record: Record) -> Self {
+    pub fn upstream(body: UpstreamBody, upstream: Upstream, record: Record) -> Self {
         ProxyBody {
             inner: Inner::Stream(body),
             upstream: Some(upstream),
@@ -113,9 +112,6 @@ impl ProxyBody {
     }
 
     fn fail(&mut self, outcome: &'static str) {
-        if let Some(up) = self.upstream.as_mut() {
-            up.conn = None;
-        }
         self.record.outcome = outcome;
     }
 
@@ -191,9 +187,9 @@ impl Body for ProxyBody {
                 match Pin::new(body).poll_frame(cx) {
                     Poll::Ready(Some(Err(e))) => {
                         this.fail("replica failed while streaming the response");
-                        Poll::Ready(Some(Err(e.into())))
+                        Poll::Ready(Some(Err(e)))
                     }
-                    other => other.map_err(|e| e.into()),
+                    other => other,
                 }
             }
         };
@@ -223,7 +219,10 @@ impl Drop for ProxyBody {
         if let Some(up) = self.upstream.take() {
             // Measured when the record is written, with the same clock read as the total.
             self.record.upstream = Some(up.sent_at);
-            if complete && let Some(conn) = up.conn {
+            if complete
+                && let Inner::Stream(body) = &mut self.inner
+                && let Some(conn) = body.reusable_conn()
+            {
                 up.slot.replica().conns.put(conn);
             }
             // `up.slot` drops here: the replica's capacity is free again.
@@ -246,7 +245,9 @@ pub struct Buffered {
     more: VecDeque<Frame<Bytes>>,
     /// Data bytes in `first` and `more`.
     head_len: u64,
-    rest: Incoming,
+    /// `None` once it has said it ended, which h2 may say only when asked for one more
+    /// frame: the body's length is then known although the client did not give it.
+    rest: Option<Incoming>,
 }
 
 impl Buffered {
@@ -256,15 +257,19 @@ impl Buffered {
             first: None,
             more: VecDeque::new(),
             head_len: 0,
-            rest: body,
+            rest: Some(body),
         }
     }
 
     /// Reads frames until the body ends or at least `max` data bytes are buffered. Safe
     /// to cancel: a frame is kept once read, and the body stays whole.
     pub async fn fill(&mut self, max: u64) -> Result<(), hyper::Error> {
-        while self.head_len < max && !self.rest.is_end_stream() {
-            let Some(frame) = self.rest.frame().await else {
+        while self.head_len < max && !self.rest_done() {
+            let Some(rest) = self.rest.as_mut() else {
+                break;
+            };
+            let Some(frame) = rest.frame().await else {
+                self.rest = None;
                 break;
             };
             let frame = frame?;
@@ -283,9 +288,27 @@ impl Buffered {
         self.head_len
     }
 
+    /// The data already read, and whether it is the whole body.
+    pub fn peek(&self) -> (impl Iterator<Item = &Bytes>, bool) {
+        let data = (self.first.iter().chain(&self.more)).filter_map(Frame::data_ref);
+        (data, self.rest_done())
+    }
+
+    /// Drops what was read: it has been sent on from [`Buffered::peek`].
+    pub fn discard_buffered(&mut self) {
+        self.first = None;
+        self.more.clear();
+        self.head_len = 0;
+    }
+
     /// The part of the body not read yet.
-    pub fn into_rest(self) -> Incoming {
+    pub fn into_rest(self) -> Option<Incoming> {
         self.rest
+    }
+
+    /// Whether the part not read yet is known to be empty.
+    fn rest_done(&self) -> bool {
+        self.rest.as_ref().is_none_or(Incoming::is_end_stream)
     }
 }
 
@@ -301,15 +324,21 @@ impl Body for Buffered {
             self.head_len -= frame.data_ref().map_or(0, |d| d.len() as u64);
             return Poll::Ready(Some(Ok(frame)));
         }
-        Pin::new(&mut self.rest).poll_frame(cx)
+        match self.rest.as_mut() {
+            Some(rest) => Pin::new(rest).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.first.is_none() && self.more.is_empty() && self.rest.is_end_stream()
+        self.first.is_none() && self.more.is_empty() && self.rest_done()
     }
 
     fn size_hint(&self) -> SizeHint {
-        let rest = self.rest.size_hint();
+        let Some(rest) = self.rest.as_ref().filter(|r| !r.is_end_stream()) else {
+            return SizeHint::with_exact(self.head_len);
+        };
+        let rest = rest.size_hint();
         let mut hint = SizeHint::new();
         hint.set_lower(rest.lower() + self.head_len);
         if let Some(upper) = rest.upper() {

@@ -25,13 +25,12 @@ use bytes::Bytes;
 use http::{
     HeaderValue, Request, Response, StatusCode, Uri, header::CONTENT_TYPE, uri::PathAndQuery,
 };
-use http_body_util::{LengthLimitError, Limited};
 use hyper::body::{Body as _, Incoming};
 use tokio::time::Instant;
 
 use self::{
     body::{Buffered, DRAIN_MAX_BYTES, ProxyBody, Record, Upstream},
-    forward::{RequestBody, SendError},
+    forward::{Failure, RequestBody, SendError, UpstreamBody},
     headers::RequestIds,
     slots::Slot,
     table::{RoutingTable, VersionRoute},
@@ -135,7 +134,7 @@ impl Proxy {
             Err(err) => error_response(
                 err,
                 record,
-                body.map(Buffered::into_rest).filter(|_| drainable),
+                body.and_then(Buffered::into_rest).filter(|_| drainable),
             ),
         }
     }
@@ -148,7 +147,7 @@ impl Proxy {
         body: &mut Option<Buffered>,
         client: ClientInfo,
         record: &mut Record,
-    ) -> Result<(Response<Incoming>, Upstream), ProxyError> {
+    ) -> Result<(Response<UpstreamBody>, Upstream), ProxyError> {
         let ids = RequestIds::read(&parts.headers)?;
         let ids = record.ids.insert(ids);
         let (name, rest) = split_path(&parts.uri)?;
@@ -205,7 +204,7 @@ impl Proxy {
         );
         parts.uri = rest;
         parts.version = http::Version::HTTP_11;
-        let upstream_req = Request::from_parts(parts, Limited::new(body, limit as usize));
+        let upstream_req = Request::from_parts(parts, body);
         forward(
             &version,
             slot,
@@ -245,7 +244,7 @@ async fn forward(
     limit: u64,
     settings: &UpstreamConfig,
     sent_at: Instant,
-) -> Result<(Response<Incoming>, Upstream), ProxyError> {
+) -> Result<(Response<UpstreamBody>, Upstream), ProxyError> {
     let timeout = version.spec.scoring_timeout;
     let mut deadline = Box::pin(tokio::time::sleep(timeout));
     let timed_out = || UpstreamError::Timeout {
@@ -261,16 +260,14 @@ async fn forward(
     loop {
         let replica = slot.replica().clone();
         let sent = tokio::select! {
-            sent = forward::send(&replica.conns, replica.addr, req, settings) => sent,
+            sent = forward::send(&replica.conns, replica.addr, req, limit, settings) => sent,
             () = &mut deadline => return Err(timed_out().into()),
         };
         version.observe(&replica, &sent, &settings.outlier_detection);
         match sent {
-            Ok((resp, conn)) => {
-                let reusable = !headers::closes_connection(resp.headers());
+            Ok(resp) => {
                 let upstream = Upstream {
                     slot,
-                    conn: reusable.then_some(conn),
                     deadline,
                     sent_at,
                 };
@@ -296,25 +293,14 @@ async fn forward(
                 };
             }
             Err(SendError::NotSent(_, reason)) => return Err(unavailable(reason).into()),
+            Err(SendError::Failed(Failure::TooLarge)) => {
+                return Err(ClientError::PayloadTooLarge { limit }.into());
+            }
             Err(SendError::Failed(e)) => {
-                if is_length_limit(&e) {
-                    return Err(ClientError::PayloadTooLarge { limit }.into());
-                }
                 return Err(unavailable(format!("{} at {}", e, replica.addr)).into());
             }
         }
     }
-}
-
-fn is_length_limit(e: &hyper::Error) -> bool {
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if s.is::<LengthLimitError>() {
-            return true;
-        }
-        source = s.source();
-    }
-    false
 }
 
 fn content_length(headers: &http::HeaderMap) -> Option<u64> {
