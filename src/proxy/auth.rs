@@ -33,8 +33,9 @@ pub async fn verify(
         Auth::None => Ok(()),
         Auth::Token { issuers } => {
             let given = bearer(headers).ok_or(refuse(true, Reason::Missing))?;
-            tokens
-                .verify(endpoint, issuers, given)
+            // Boxed: a token's check (which may fetch a key set) is a large future, and
+            // every request would otherwise carry room for it, keys or not.
+            Box::pin(tokens.verify(endpoint, issuers, given))
                 .await
                 .map_err(|reason| refuse(true, reason))
         }

@@ -44,6 +44,8 @@ pub type RequestBody = Buffered;
 
 /// Most header fields a response head (or a trailer section) may carry.
 pub const MAX_HEADERS: usize = 100;
+/// Fields of a response head located without an allocation.
+const FEW_HEADERS: usize = 16;
 /// Largest response head (or trailer section), in bytes.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Longest chunk-size line, extensions included.
@@ -550,20 +552,32 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
         return Ok(Some(Parsed::Interim));
     }
     let http10 = resp.version == Some(0);
-    let mut fields = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-    let count = resp.headers.len();
+    // Where each field lies in the head, for its values to share the head's buffer.
+    // Most heads have a few fields: room for those is on the stack, as clearing room
+    // for the most a head may have would cost more than parsing it.
     let base = buf.as_ptr() as usize;
-    for (f, h) in fields.iter_mut().zip(resp.headers.iter()) {
+    let at = |h: &httparse::Header<'_>| {
         let name = h.name.as_ptr() as usize - base;
         let value = h.value.as_ptr() as usize - base;
-        *f = (name, name + h.name.len(), value, value + h.value.len());
-    }
+        (name, name + h.name.len(), value, value + h.value.len())
+    };
+    let mut few = [(0usize, 0usize, 0usize, 0usize); FEW_HEADERS];
+    let many: Vec<_>;
+    let fields = if resp.headers.len() <= FEW_HEADERS {
+        for (f, h) in few.iter_mut().zip(resp.headers.iter()) {
+            *f = at(h);
+        }
+        &few[..resp.headers.len()]
+    } else {
+        many = resp.headers.iter().map(at).collect();
+        &many[..]
+    };
     let reason = resp
         .reason
         .filter(|r| Some(*r) != status.canonical_reason())
         .and_then(|r| ReasonPhrase::try_from(r.as_bytes().to_vec()).ok());
     let head = buf.split_to(len).freeze();
-    let headers = header_map(&head, &fields[..count])?;
+    let headers = header_map(&head, fields)?;
     let (framing, reusable) = response_framing(&headers, status, head_request)?;
     let keep_alive = reusable && !http10 && !super::headers::closes_connection(&headers);
     Ok(Some(Parsed::Final(Head {
