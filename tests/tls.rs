@@ -947,3 +947,99 @@ async fn a_pending_handshake_does_not_hold_up_shutdown() {
         started.elapsed()
     );
 }
+
+/// A client's TCP stream that keeps a copy of every byte it reads.
+struct Recording {
+    tcp: TcpStream,
+    read: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl tokio::io::AsyncRead for Recording {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.tcp).poll_read(cx, buf);
+        self.read
+            .lock()
+            .unwrap()
+            .extend_from_slice(&buf.filled()[before..]);
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for Recording {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test]
+async fn a_small_answer_comes_in_one_tls_record() {
+    let ca = TestCa::new("test root");
+    let leaf = ca.leaf();
+    let model = Model::start("m").await;
+    let router = start_tls(&leaf, &model, "").await;
+    let read = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let tcp = TcpStream::connect(https(&router)).await.unwrap();
+    let recording = Recording {
+        tcp,
+        read: read.clone(),
+    };
+    let connector = tokio_rustls::TlsConnector::from(ca.client().h1().config());
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, recording).await.unwrap();
+    let request = format!(
+        "POST {SCORE} HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {KEY}\r\n\
+         content-length: 2\r\n\r\n{{}}"
+    );
+    // The first exchange lets the session tickets sent after the handshake arrive; the
+    // second one's records are the answer's alone.
+    let mut records = 0;
+    for _ in 0..2 {
+        let mark = read.lock().unwrap().len();
+        tls.write_all(request.as_bytes()).await.unwrap();
+        // The model's JSON answer ends with its closing brace.
+        let mut answer = Vec::new();
+        while !answer.ends_with(b"}") {
+            let mut chunk = [0u8; 4096];
+            let n = tls.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed before the answer: {answer:?}");
+            answer.extend_from_slice(&chunk[..n]);
+        }
+        assert!(answer.starts_with(b"HTTP/1.1 200 "), "{answer:?}");
+        // TLS records: a 5-byte header whose last two bytes are the length.
+        let bytes = read.lock().unwrap()[mark..].to_vec();
+        let mut at = 0;
+        records = 0;
+        while at + 5 <= bytes.len() {
+            at += 5 + u16::from_be_bytes([bytes[at + 3], bytes[at + 4]]) as usize;
+            records += 1;
+        }
+    }
+    assert_eq!(
+        records, 1,
+        "the answer's head and body came in {records} records"
+    );
+    router.shutdown().await;
+}

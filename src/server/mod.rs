@@ -359,7 +359,41 @@ impl AsyncWrite for ClientIo {
 /// A connection whose protocol is known: `true` for h2.
 enum Prepared {
     Plain(ClientIo, bool),
-    Tls(Box<tokio_rustls::server::TlsStream<ClientIo>>, bool),
+    Tls(OneRecord, bool),
+}
+
+/// A TLS stream that tells hyper and h2 it takes no vectored writes, so they gather a
+/// response's head and body (or a frame's head and payload) into one write, which TLS
+/// seals as one record: a vectored write would become a record per piece, each with its
+/// own encryption and framing.
+struct OneRecord(Box<tokio_rustls::server::TlsStream<ClientIo>>);
+
+impl AsyncRead for OneRecord {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for OneRecord {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0).poll_shutdown(cx)
+    }
 }
 
 /// TLS settings of an https listener.
@@ -520,7 +554,7 @@ pub async fn serve_data(
                             .await
                             .map_err(|e| format!("TLS handshake failed: {e}"))?;
                         let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                        Ok(Prepared::Tls(Box::new(stream), h2))
+                        Ok(Prepared::Tls(OneRecord(Box::new(stream)), h2))
                     }
                 }
             };
