@@ -6,21 +6,18 @@
 //!
 //! Run: `cargo bench --bench pipeline`.
 
+mod client;
+
 use std::{convert::Infallible, net::SocketAddr};
 
 use bytes::Bytes;
+use client::{KEY, connect, score};
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{Request, Response};
-use http_body_util::{BodyExt, Full};
-use hyper::{body::Incoming, client::conn::http1::SendRequest, service::service_fn};
+use http_body_util::Full;
+use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
-use scorefront::app::{self, Listeners};
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::Mutex,
-};
-
-const KEY: &str = "bench-primary-key-0123456789";
+use tokio::{net::TcpListener, sync::Mutex};
 
 async fn model() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -43,28 +40,6 @@ async fn model() -> SocketAddr {
     addr
 }
 
-async fn connect(addr: SocketAddr) -> SendRequest<Full<Bytes>> {
-    let stream = TcpStream::connect(addr).await.unwrap();
-    stream.set_nodelay(true).unwrap();
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    sender
-}
-
-async fn score(sender: &mut SendRequest<Full<Bytes>>, path: &str) {
-    let req = Request::post(path)
-        .header("host", "bench")
-        .header("authorization", format!("Bearer {KEY}"))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from_static(b"{\"data\": [1, 2, 3]}")))
-        .unwrap();
-    let resp = sender.send_request(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    resp.into_body().collect().await.unwrap();
-}
-
 fn pipeline(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -73,34 +48,13 @@ fn pipeline(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let (router, model) = rt.block_on(async {
         let model = model().await;
-        std::fs::write(
-            dir.path().join("scorefront.yaml"),
-            "endpoints: {file: endpoints.yaml}\n",
-        )
-        .unwrap();
-        std::fs::write(
-            dir.path().join("endpoints.yaml"),
-            format!(
-                "apiVersion: scorefront.io/v1\nkind: ScoringEndpoint\nmetadata: {{name: bench}}\n\
-                 spec:\n  keys: {{primaryKey: {KEY}}}\n  versions:\n\
-                 \x20   - {{name: blue, trafficPercentile: 90, maxConcurrentRequestsPerContainer: 64, replicas: ['{model}']}}\n\
-                 \x20   - {{name: green, trafficPercentile: 10, maxConcurrentRequestsPerContainer: 64, replicas: ['{model}']}}\n"
-            ),
-        )
-        .unwrap();
-        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = http.local_addr().unwrap();
-        let listeners = Listeners {
-            http: Some(http),
-            https: None,
-            admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        };
-        let app = app::start(&dir.path().join("scorefront.yaml"), listeners)
-            .await
-            .unwrap();
-        // Keep the app (and its tasks) alive for the whole bench.
-        std::mem::forget(app);
-        (addr, model)
+        let endpoints = format!(
+            "apiVersion: scorefront.io/v1\nkind: ScoringEndpoint\nmetadata: {{name: bench}}\n\
+             spec:\n  keys: {{primaryKey: {KEY}}}\n  versions:\n\
+             \x20   - {{name: blue, trafficPercentile: 90, maxConcurrentRequestsPerContainer: 64, replicas: ['{model}']}}\n\
+             \x20   - {{name: green, trafficPercentile: 10, maxConcurrentRequestsPerContainer: 64, replicas: ['{model}']}}\n"
+        );
+        (client::router(dir.path(), &endpoints).await, model)
     });
     // One connection each, shared by the iterations (an async lock, as the sender is used
     // across an await).

@@ -5,22 +5,17 @@
 //!
 //! Run: `cargo bench --bench upstream`.
 
+mod client;
+
 use std::net::SocketAddr;
 
-use bytes::Bytes;
+use client::{KEY, connect, score};
 use criterion::{Criterion, criterion_group, criterion_main};
-use http::Request;
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
-use scorefront::app::{self, Listeners};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    net::TcpListener,
     sync::Mutex,
 };
-
-const KEY: &str = "bench-primary-key-0123456789";
 
 const LENGTH: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 17\r\n\r\n{\"result\": [0.5]}";
 const CHUNKED: &[u8] =
@@ -69,28 +64,6 @@ async fn replica(reply: &'static [u8]) -> SocketAddr {
     addr
 }
 
-async fn connect(addr: SocketAddr) -> SendRequest<Full<Bytes>> {
-    let stream = TcpStream::connect(addr).await.unwrap();
-    stream.set_nodelay(true).unwrap();
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    sender
-}
-
-async fn score(sender: &mut SendRequest<Full<Bytes>>, path: &str) {
-    let req = Request::post(path)
-        .header("host", "bench")
-        .header("authorization", format!("Bearer {KEY}"))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from_static(b"{\"data\": [1, 2, 3]}")))
-        .unwrap();
-    let resp = sender.send_request(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    resp.into_body().collect().await.unwrap();
-}
-
 fn upstream(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -99,11 +72,6 @@ fn upstream(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let router = rt.block_on(async {
         let (length, chunked) = (replica(LENGTH).await, replica(CHUNKED).await);
-        std::fs::write(
-            dir.path().join("scorefront.yaml"),
-            "endpoints: {file: endpoints.yaml}\n",
-        )
-        .unwrap();
         let endpoint = |name: &str, replica: SocketAddr| {
             format!(
                 "apiVersion: scorefront.io/v1\nkind: ScoringEndpoint\nmetadata: {{name: {name}}}\n\
@@ -111,28 +79,12 @@ fn upstream(c: &mut Criterion) {
                  \x20   - {{name: blue, maxConcurrentRequestsPerContainer: 64, replicas: ['{replica}']}}\n"
             )
         };
-        std::fs::write(
-            dir.path().join("endpoints.yaml"),
-            format!(
-                "{}---\n{}",
-                endpoint("length", length),
-                endpoint("chunked", chunked)
-            ),
-        )
-        .unwrap();
-        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = http.local_addr().unwrap();
-        let listeners = Listeners {
-            http: Some(http),
-            https: None,
-            admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        };
-        let app = app::start(&dir.path().join("scorefront.yaml"), listeners)
-            .await
-            .unwrap();
-        // Keep the app (and its tasks) alive for the whole bench.
-        std::mem::forget(app);
-        addr
+        let endpoints = format!(
+            "{}---\n{}",
+            endpoint("length", length),
+            endpoint("chunked", chunked)
+        );
+        client::router(dir.path(), &endpoints).await
     });
     let client = Mutex::new(rt.block_on(connect(router)));
     for name in ["length", "chunked"] {
