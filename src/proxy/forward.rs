@@ -21,11 +21,11 @@
 
 use std::{
     collections::VecDeque,
-    future::poll_fn,
+    future::{Future, poll_fn},
     io::{self, Write as _},
     mem::MaybeUninit,
     net::SocketAddr,
-    pin::Pin,
+    pin::{Pin, pin},
     sync::Mutex,
     task::{Context, Poll, ready},
 };
@@ -34,7 +34,11 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body::{Body, Frame, SizeHint};
 use hyper::ext::ReasonPhrase;
-use tokio::{io::AsyncWrite, net::TcpStream, time::Instant};
+use tokio::{
+    io::{AsyncReadExt, AsyncWrite},
+    net::TcpStream,
+    time::Instant,
+};
 
 use super::body::{BoxError, Buffered};
 use crate::config::UpstreamConfig;
@@ -86,17 +90,16 @@ impl Conn {
     }
 
     /// Reads what the socket has into `rbuf`; `Ok(0)` is the end of the stream.
+    ///
+    /// A read that leaves room unfilled also marks the socket as drained, so that
+    /// [`Conn::is_open`] costs no system call when the connection is next taken from the
+    /// pool, unless the replica has closed it or sent something since.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        loop {
-            ready!(self.io.poll_read_ready(cx))?;
-            if self.rbuf.capacity() - self.rbuf.len() < READ_SIZE / 8 {
-                self.rbuf.reserve(READ_SIZE);
-            }
-            match self.io.try_read_buf(&mut self.rbuf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                other => return Poll::Ready(other),
-            }
+        if self.rbuf.capacity() - self.rbuf.len() < READ_SIZE / 8 {
+            self.rbuf.reserve(READ_SIZE);
         }
+        // The future only reads when polled, and keeps nothing if dropped pending.
+        pin!(self.io.read_buf(&mut self.rbuf)).poll(cx)
     }
 }
 
