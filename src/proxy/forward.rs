@@ -594,7 +594,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
 
 /// Header fields at the given (name, value) byte ranges of `block`; the values share it.
 fn header_map(block: &Bytes, fields: &[(usize, usize, usize, usize)]) -> Result<HeaderMap, String> {
-    let mut map = HeaderMap::with_capacity(fields.len());
+    let mut map = HeaderMap::with_capacity(fields.len() + super::headers::ADDED_FOR_CLIENT);
     for &(n0, n1, v0, v1) in fields {
         let name = HeaderName::from_bytes(&block[n0..n1])
             .map_err(|_| "invalid header name in the response".to_string())?;
