@@ -214,7 +214,7 @@ pub async fn send(
     settings: &UpstreamConfig,
 ) -> Result<Response<UpstreamBody>, SendError> {
     let (parts, body) = req.into_parts();
-    let mut sender = Sender::new(&parts.headers, body, limit);
+    let mut sender = Sender::new(body, limit);
     let not_sent = |parts, sender: Sender, reason| {
         Err(SendError::NotSent(
             Box::new(Request::from_parts(parts, sender.body)),
@@ -315,7 +315,8 @@ enum SendFail {
 #[derive(Debug)]
 struct Sender {
     body: RequestBody,
-    /// Whether the body goes chunked (its length is not known) or as it is.
+    /// Whether the body goes chunked (its length is not known) or as it is; settled by
+    /// [`Sender::start`].
     chunked: bool,
     /// Data bytes taken from the body so far, against `limit`.
     taken: u64,
@@ -327,14 +328,10 @@ struct Sender {
 }
 
 impl Sender {
-    /// The client's framing is kept: its `content-length` if it sent one, otherwise the
-    /// body's exact length if known (see [`Sender::start`]), otherwise chunked.
-    fn new(headers: &HeaderMap, body: RequestBody, limit: u64) -> Self {
+    fn new(body: RequestBody, limit: u64) -> Self {
         let ended = body.is_end_stream();
         Sender {
-            chunked: !ended
-                && !headers.contains_key(header::CONTENT_LENGTH)
-                && body.size_hint().exact().is_none(),
+            chunked: false,
             body,
             taken: 0,
             limit,
@@ -367,12 +364,23 @@ impl Sender {
             w.extend_from_slice(value.as_bytes());
             w.extend_from_slice(b"\r\n");
         }
-        if self.chunked {
-            w.extend_from_slice(b"transfer-encoding: chunked\r\n");
-        } else if let Some(n) = self.added_length(parts) {
-            w.extend_from_slice(b"content-length: ");
-            w.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-            w.extend_from_slice(b"\r\n");
+        // The client's framing is kept: its `content-length` if it sent one; otherwise the
+        // body's exact length if known (h2 may leave it out), except for an empty body
+        // where the method has no use for one; otherwise chunked.
+        self.chunked = false;
+        if !parts.headers.contains_key(header::CONTENT_LENGTH) {
+            match self.body.size_hint().exact() {
+                None => {
+                    self.chunked = true;
+                    w.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                }
+                Some(0) if bodyless(&parts.method) => {}
+                Some(n) => {
+                    w.extend_from_slice(b"content-length: ");
+                    w.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+                    w.extend_from_slice(b"\r\n");
+                }
+            }
         }
         w.extend_from_slice(b"\r\n");
         let (buffered, whole) = self.body.peek();
@@ -386,21 +394,6 @@ impl Sender {
                 w.extend_from_slice(b"0\r\n\r\n");
             }
         }
-    }
-
-    /// The `content-length` to add when the client sent none but the body's length is
-    /// known (h2 may leave it out), except for an empty body where the method has no use
-    /// for one.
-    fn added_length(&self, parts: &http::request::Parts) -> Option<u64> {
-        if self.chunked || parts.headers.contains_key(header::CONTENT_LENGTH) {
-            return None;
-        }
-        let bodyless = matches!(parts.method, Method::GET | Method::HEAD | Method::DELETE)
-            || parts.method == Method::OPTIONS;
-        self.body
-            .size_hint()
-            .exact()
-            .filter(|&n| n > 0 || !bodyless)
     }
 
     /// Writes what is encoded and encodes more as the body yields it; ready once the whole
@@ -469,6 +462,14 @@ impl Sender {
             }
         }
     }
+}
+
+/// Methods whose requests carry no body by custom: an empty one goes without a length.
+fn bodyless(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
+    )
 }
 
 fn encode_data(w: &mut Vec<u8>, chunked: bool, data: &[u8]) {
@@ -558,12 +559,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
     // Where each field lies in the head, for its values to share the head's buffer.
     // Most heads have a few fields: room for those is on the stack, as clearing room
     // for the most a head may have would cost more than parsing it.
-    let base = buf.as_ptr() as usize;
-    let at = |h: &httparse::Header<'_>| {
-        let name = h.name.as_ptr() as usize - base;
-        let value = h.value.as_ptr() as usize - base;
-        (name, name + h.name.len(), value, value + h.value.len())
-    };
+    let at = |h: &httparse::Header<'_>| field_at(buf, h);
     let mut few = [(0usize, 0usize, 0usize, 0usize); FEW_HEADERS];
     let many: Vec<_>;
     let fields = if resp.headers.len() <= FEW_HEADERS {
@@ -590,6 +586,14 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
         framing,
         keep_alive,
     })))
+}
+
+/// Where a field parsed from `buf` lies in it: its name's and its value's byte ranges.
+fn field_at(buf: &[u8], h: &httparse::Header<'_>) -> (usize, usize, usize, usize) {
+    let base = buf.as_ptr() as usize;
+    let name = h.name.as_ptr() as usize - base;
+    let value = h.value.as_ptr() as usize - base;
+    (name, name + h.name.len(), value, value + h.value.len())
 }
 
 /// Header fields at the given (name, value) byte ranges of `block`; the values share it.
@@ -888,15 +892,7 @@ fn trailers(buf: &mut BytesMut) -> Result<Option<HeaderMap>, String> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let (len, fields) = match httparse::parse_headers(buf, &mut slots) {
         Ok(httparse::Status::Complete((len, parsed))) => {
-            let base = buf.as_ptr() as usize;
-            let fields: Vec<_> = parsed
-                .iter()
-                .map(|h| {
-                    let name = h.name.as_ptr() as usize - base;
-                    let value = h.value.as_ptr() as usize - base;
-                    (name, name + h.name.len(), value, value + h.value.len())
-                })
-                .collect();
+            let fields: Vec<_> = parsed.iter().map(|h| field_at(buf, h)).collect();
             (len, fields)
         }
         Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD_BYTES => {
