@@ -40,15 +40,6 @@ async fn router(clients: &str, replicas: &[SocketAddr], settings: &str) -> Route
     .await
 }
 
-/// A raw HTTP/1.1 scoring request to endpoint `conn`, keep-alive.
-fn raw_request(extra_headers: &str, body: &str) -> String {
-    format!(
-        "POST /api/v1/service/conn/score HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\n\
-         content-length: {}\r\n{extra_headers}\r\n{body}",
-        body.len()
-    )
-}
-
 /// Waits up to `within` for the peer to close `stream` (reads nothing more than EOF).
 async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
     let mut byte = [0u8; 1];
@@ -197,7 +188,7 @@ async fn an_http1_request_split_across_writes_is_served() {
     let router = router("headerReadTimeoutMs: 5000", &[model.addr], "").await;
     let mut stream = TcpStream::connect(router.http).await.unwrap();
     stream.set_nodelay(true).unwrap();
-    let request = raw_request("", "{}");
+    let request = raw_request("conn", "", "{}");
     // "P" matches the h2 preface, "PO" no longer does; then the rest in two writes.
     for piece in [
         &request[..1],
@@ -243,7 +234,7 @@ async fn at_the_connection_limit_new_connections_wait_until_one_closes() {
     // The third connects (the kernel's backlog holds it) but is not served.
     let mut third = TcpStream::connect(router.http).await.unwrap();
     third
-        .write_all(raw_request("", "{}").as_bytes())
+        .write_all(raw_request("conn", "", "{}").as_bytes())
         .await
         .unwrap();
     let mut byte = [0u8; 1];
@@ -279,7 +270,7 @@ async fn an_idle_http1_keep_alive_connection_is_closed_after_either_timeout() {
         let router = router(clients, &[model.addr], "").await;
         let mut stream = TcpStream::connect(router.http).await.unwrap();
         stream
-            .write_all(raw_request("", "{}").as_bytes())
+            .write_all(raw_request("conn", "", "{}").as_bytes())
             .await
             .unwrap();
         assert_eq!(read_response(&mut stream).await.0, 200, "{clients}");
@@ -322,7 +313,7 @@ async fn connections_with_a_long_request_in_flight_stay_open() {
     // HTTP/1.1: a slow answer, then a response body streaming for longer than the timeout.
     let mut stream = TcpStream::connect(router.http).await.unwrap();
     stream
-        .write_all(raw_request("x-delay-ms: 1000\r\n", "{}").as_bytes())
+        .write_all(raw_request("conn", "x-delay-ms: 1000\r\n", "{}").as_bytes())
         .await
         .unwrap();
     let (status, body) = read_response(&mut stream).await;
@@ -365,7 +356,7 @@ async fn a_client_that_stops_reading_is_cut_at_the_send_timeout_and_frees_its_sl
     let router = router("sendTimeoutMs: 500", &[addr], "maxRequestWaitTimeMs: 10000").await;
     let mut reader = TcpStream::connect(router.http).await.unwrap();
     reader
-        .write_all(raw_request("x-endless: 1\r\n", "{}").as_bytes())
+        .write_all(raw_request("conn", "x-endless: 1\r\n", "{}").as_bytes())
         .await
         .unwrap();
     let labels = [("endpoint", "conn")];
@@ -390,7 +381,7 @@ async fn a_slow_upload_holds_no_slot_and_gets_408_at_the_body_timeout() {
     .await;
     // Half of a 100-byte body, then nothing.
     let mut stalled = TcpStream::connect(router.http).await.unwrap();
-    let request = raw_request("", &"x".repeat(100));
+    let request = raw_request("conn", "", &"x".repeat(100));
     stalled
         .write_all(&request.as_bytes()[..request.len() - 50])
         .await

@@ -72,10 +72,7 @@ const LEFT_BEHIND: isize = 128 << 10;
 /// A scoring request on a new keep-alive connection; the connection stays open.
 async fn scored_connection(router: &Router) -> TcpStream {
     let mut stream = TcpStream::connect(router.http).await.unwrap();
-    let request = format!(
-        "POST /api/v1/service/mem/score HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\n\
-         content-length: 2\r\n\r\n{{}}"
-    );
+    let request = raw_request("mem", "", "{}");
     stream.write_all(request.as_bytes()).await.unwrap();
     let (status, _) = read_response(&mut stream).await;
     assert_eq!(status, 200);
@@ -100,14 +97,43 @@ async fn settled(router: &Router, baseline: isize, slack: isize) -> isize {
     live() - baseline
 }
 
+/// Lets this process hold both ends of every connection: its soft limit on open files
+/// (often 1024) goes up to the hard one.
+fn open_files_up_to_the_hard_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write `limit`.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        limit.rlim_cur = limit.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+    assert!(
+        limit.rlim_cur >= 2 * CONNECTIONS as u64 + 256,
+        "{CONNECTIONS} connections need more open files than the hard limit of {}",
+        limit.rlim_cur
+    );
+}
+
 #[tokio::test]
 async fn connections_hold_little_while_idle_and_nothing_once_closed() {
+    open_files_up_to_the_hard_limit();
     let model = Model::start("blue").await;
     let router = Router::start(&one_version("mem", &[model.addr], "")).await;
     // One request first, so the replica connection, the metric series and the access log
     // exist before the baseline.
     drop(scored_connection(&router).await);
-    let baseline = live() + settled(&router, live(), 0).await;
+    metric_eventually(
+        &router,
+        Patience::SHORT,
+        "scorefront_client_connections",
+        &[],
+        0.0,
+    )
+    .await;
+    let baseline = live();
 
     let mut open = Vec::with_capacity(CONNECTIONS);
     for _ in 0..CONNECTIONS {

@@ -1009,25 +1009,15 @@ async fn a_small_answer_comes_in_one_tls_record() {
     let connector = tokio_rustls::TlsConnector::from(ca.client().h1().config());
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let mut tls = connector.connect(name, recording).await.unwrap();
-    let request = format!(
-        "POST {SCORE} HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {KEY}\r\n\
-         content-length: 2\r\n\r\n{{}}"
-    );
+    let request = raw_request("e", "", "{}");
     // The first exchange lets the session tickets sent after the handshake arrive; the
     // second one's records are the answer's alone.
     let mut records = 0;
     for _ in 0..2 {
         let mark = read.lock().unwrap().len();
         tls.write_all(request.as_bytes()).await.unwrap();
-        // The model's JSON answer ends with its closing brace.
-        let mut answer = Vec::new();
-        while !answer.ends_with(b"}") {
-            let mut chunk = [0u8; 4096];
-            let n = tls.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "closed before the answer: {answer:?}");
-            answer.extend_from_slice(&chunk[..n]);
-        }
-        assert!(answer.starts_with(b"HTTP/1.1 200 "), "{answer:?}");
+        let (status, answer) = read_response(&mut tls).await;
+        assert_eq!(status, 200, "{answer}");
         // TLS records: a 5-byte header whose last two bytes are the length.
         let bytes = read.lock().unwrap()[mark..].to_vec();
         let mut at = 0;

@@ -138,7 +138,7 @@ async fn serve(mut s: TcpStream, conn: usize, script: Script, log: Arc<Mutex<Vec
 async fn write_pieces(s: &mut TcpStream, pieces: &[Vec<u8>]) {
     for (i, p) in pieces.iter().enumerate() {
         if i > 0 {
-            tokio::time::sleep(Duration::from_millis(2)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         if s.write_all(p).await.is_err() {
             return;
@@ -419,11 +419,14 @@ async fn a_replica_streaming_while_it_reads_gets_the_rest_of_the_body() {
         s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
             .await
             .unwrap();
-        // Echo the chunked request body's bytes until its last chunk.
+        // Echo the chunked request body's bytes until its last chunk, which may come
+        // split over reads.
+        let mut echoed = Vec::new();
         loop {
             if !buf.is_empty() {
                 let piece = std::mem::take(&mut buf);
-                let last = piece.ends_with(b"0\r\n\r\n");
+                echoed.extend_from_slice(&piece);
+                let last = echoed.ends_with(b"0\r\n\r\n");
                 s.write_all(format!("{:x}\r\n", piece.len()).as_bytes())
                     .await
                     .unwrap();
@@ -463,8 +466,13 @@ async fn a_replica_streaming_while_it_reads_gets_the_rest_of_the_body() {
         tx.send(Bytes::from(*next)).await.unwrap();
     }
     drop(tx);
-    while body.frame().await.transpose().unwrap().is_some() {}
-    echo.await.unwrap();
+    let rest = async {
+        while body.frame().await.transpose().unwrap().is_some() {}
+        echo.await.unwrap();
+    };
+    tokio::time::timeout(Duration::from_secs(10), rest)
+        .await
+        .expect("the answer ends once the request body has");
     router.shutdown().await;
 }
 
@@ -556,10 +564,7 @@ async fn a_replicas_own_reason_phrase_reaches_the_client() {
             .await;
     let router = router_for(&replica).await;
     let mut client = TcpStream::connect(router.http).await.unwrap();
-    let request = format!(
-        "POST /api/v1/service/up/score HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\n\
-         content-length: 2\r\n\r\n{{}}"
-    );
+    let request = raw_request("up", "", "{}");
     client.write_all(request.as_bytes()).await.unwrap();
     let mut buf = Vec::new();
     let end = read_until(&mut client, &mut buf, b"\r\n").await.unwrap();

@@ -302,8 +302,18 @@ where
     })
 }
 
+/// A raw HTTP/1.1 scoring request to `endpoint` with the test key, keep-alive, with
+/// `extra_headers` (each ending in CRLF) and `body`.
+pub fn raw_request(endpoint: &str, extra_headers: &str, body: &str) -> String {
+    format!(
+        "POST /api/v1/service/{endpoint}/score HTTP/1.1\r\nhost: x\r\n\
+         authorization: Bearer {KEY}\r\ncontent-length: {}\r\n{extra_headers}\r\n{body}",
+        body.len()
+    )
+}
+
 /// Reads one HTTP/1.1 response with a `content-length` off `stream`: (status, body).
-pub async fn read_response(stream: &mut tokio::net::TcpStream) -> (u16, String) {
+pub async fn read_response(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> (u16, String) {
     let mut buf = Vec::new();
     let head_end = loop {
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
