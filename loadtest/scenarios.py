@@ -227,13 +227,7 @@ class Scorefront:
             f"endpoints: {{file: endpoints.yaml}}\n{extra}"
         )
         (run / "endpoints.yaml").write_text(endpoint_doc("bench", versions))
-        env = dict(os.environ, TOKIO_WORKER_THREADS="1")
-        env.pop("RUST_LOG", None)
-        self.proc = start(
-            [*wrap, str(RELEASE / "scorefront"), "serve", "--config",
-             str(run / "scorefront.yaml")],
-            run / "scorefront.log", env=env, core=core,
-        )
+        self.proc = start_scorefront(run, core, wrap)
         wait_port(self.port, "scorefront", self.proc, timeout=60 if wrap else 20)
         self.url = f"http://127.0.0.1:{self.port}/api/v1/endpoint/bench/score"
         if tls:
@@ -784,12 +778,21 @@ def instructions(args, run):
     ]))
 
 
+def start_scorefront(run, core, wrap=()):
+    """scorefront from the run folder's scorefront.yaml, with one worker, logging to
+    scorefront.log there; `wrap` is a command to run it under."""
+    env = dict(os.environ)
+    env.pop("RUST_LOG", None)
+    return start(
+        [*wrap, str(RELEASE / "scorefront"), "serve", "--config", str(run / "scorefront.yaml"),
+         "--workers", "1"],
+        run / "scorefront.log", env=env, core=core,
+    )
+
+
 def serve(run, port, core):
     """scorefront from the run folder's scorefront.yaml (listening on `port`), one worker."""
-    env = dict(os.environ, TOKIO_WORKER_THREADS="1")
-    env.pop("RUST_LOG", None)
-    sf = start([str(RELEASE / "scorefront"), "serve", "--config", str(run / "scorefront.yaml")],
-               run / "scorefront.log", env=env, core=core)
+    sf = start_scorefront(run, core)
     wait_port(port, "scorefront", sf)
     return sf
 

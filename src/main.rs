@@ -57,6 +57,11 @@ enum Cmd {
         /// Log line format.
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
+        /// Threads serving requests [default: the CPUs this process may use, by its
+        /// affinity and cgroup CPU limit]. With 1, the router runs on a single-threaded
+        /// scheduler, which spares every task wake-up the cost of work stealing.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        workers: Option<u16>,
     },
     /// Print the ScoringEndpoint CustomResourceDefinition (YAML, for kubectl apply).
     Crd,
@@ -96,7 +101,11 @@ fn main() -> ExitCode {
     // One TLS crypto provider for the whole process (the Kubernetes client asks for it).
     let _ = rustls::crypto::ring::default_provider().install_default();
     match cli.command {
-        Cmd::Serve { config, log_format } => {
+        Cmd::Serve {
+            config,
+            log_format,
+            workers,
+        } => {
             let _flush_logs_on_exit = match init_logs(log_format) {
                 Ok(flush) => flush,
                 Err(e) => {
@@ -104,10 +113,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
+            let runtime = runtime(workers).expect("tokio runtime");
             match runtime.block_on(serve(config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -140,6 +146,25 @@ fn main() -> ExitCode {
             out,
         } => report(signing_key(kind, out)),
         Cmd::Token { config, endpoint } => report(mint(&config, &endpoint)),
+    }
+}
+
+/// The scheduler `serve` runs on: `workers` threads, by default one per CPU the process
+/// may use; a single thread gets the current-thread scheduler.
+fn runtime(workers: Option<u16>) -> std::io::Result<tokio::runtime::Runtime> {
+    let workers = workers.map_or_else(
+        || std::thread::available_parallelism().map_or(1, usize::from),
+        usize::from,
+    );
+    if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
     }
 }
 

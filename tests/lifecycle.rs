@@ -929,7 +929,31 @@ async fn ready_pids(served: &Served) -> HashSet<i32> {
 
 #[tokio::test]
 async fn binary_stops_cleanly_on_sigterm() {
-    let mut served = serve_sample(&[], full_path).await;
+    serves_and_stops_on_sigterm(&[]).await;
+}
+
+/// One worker runs on the single-threaded scheduler: the same router, the same shutdown.
+#[tokio::test]
+async fn binary_on_one_worker_serves_and_stops_cleanly() {
+    serves_and_stops_on_sigterm(&["--workers", "1"]).await;
+}
+
+#[tokio::test]
+async fn zero_workers_is_refused() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_scorefront"))
+        .args(["serve", "--config", "unread.yaml", "--workers", "0"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--workers"), "{err}");
+}
+
+/// The real binary with two replicas, started with `extra`: it answers, and SIGTERM
+/// stops it, its replicas and its listeners.
+async fn serves_and_stops_on_sigterm(extra: &[&str]) {
+    let mut served = serve_sample(extra, full_path).await;
     let pids = ready_pids(&served).await;
     assert_eq!(pids.len(), 2);
     served.signal(libc::SIGTERM);
