@@ -11,6 +11,7 @@ pub mod autoscale;
 pub mod config;
 pub mod discovery;
 pub mod error;
+pub mod gate;
 pub mod logwriter;
 pub mod metrics;
 pub mod proxy;

@@ -36,7 +36,7 @@ use super::{
     slots::Slot,
     table::{EndpointRoute, VersionRoute},
 };
-use crate::{accesslog, metrics::Metrics};
+use crate::{accesslog, gate::Gated, metrics::Metrics};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -71,7 +71,7 @@ enum Inner {
 /// the connection).
 pub struct Upstream {
     pub slot: Slot,
-    pub deadline: Pin<Box<Sleep>>,
+    pub deadline: Gated<Pin<Box<Sleep>>>,
     pub sent_at: Instant,
 }
 
@@ -178,7 +178,7 @@ impl Body for ProxyBody {
             },
             Inner::Stream(body) => {
                 if let Some(up) = this.upstream.as_mut()
-                    && up.deadline.as_mut().poll(cx).is_ready()
+                    && Pin::new(&mut up.deadline).poll(cx).is_ready()
                 {
                     this.fail("scoring timeout while streaming the response");
                     this.upstream = None;

@@ -38,6 +38,7 @@ use self::{
 use crate::{
     config::{ClientsConfig, UpstreamConfig},
     error::{ClientError, ProxyError, UpstreamError},
+    gate::Gated,
     metrics::Metrics,
     token::Verifier,
 };
@@ -246,7 +247,8 @@ async fn forward(
     sent_at: Instant,
 ) -> Result<(Response<UpstreamBody>, Upstream), ProxyError> {
     let timeout = version.spec.scoring_timeout;
-    let mut deadline = Box::pin(tokio::time::sleep(timeout));
+    // Polled only when it fires, not on each of the exchange's wake-ups.
+    let mut deadline = Gated::new(Box::pin(tokio::time::sleep(timeout)));
     let timed_out = || UpstreamError::Timeout {
         version: version.spec.name.clone(),
         timeout_ms: timeout.as_millis() as u64,
@@ -260,6 +262,7 @@ async fn forward(
     loop {
         let replica = slot.replica().clone();
         let sent = tokio::select! {
+            biased;
             sent = forward::send(&replica.conns, replica.addr, req, limit, settings) => sent,
             () = &mut deadline => return Err(timed_out().into()),
         };
@@ -286,6 +289,7 @@ async fn forward(
                             .slots
                             .acquire_avoiding(version.spec.max_wait, Some(&replica));
                         tokio::select! {
+                            biased;
                             got = wait => got?,
                             () = &mut deadline => return Err(timed_out().into()),
                         }

@@ -44,6 +44,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::{
     config::ClientsConfig,
+    gate::Gated,
     proxy::{ClientInfo, Proxy, body::ProxyBody},
 };
 
@@ -114,10 +115,18 @@ where
     C: GracefulConnection,
 {
     let mut conn = pin!(conn);
+    // The connection wakes its task several times per request; the drain signal and the
+    // idle timer are polled only when they fire.
+    let mut closing = Gated::new(Box::pin(async {
+        tokio::select! {
+            () = crate::until_true(stop) => "draining",
+            () = activity.idle_for(idle) => "idle",
+        }
+    }));
     let why = tokio::select! {
+        biased;
         ended = conn.as_mut() => return ended,
-        () = crate::until_true(stop) => "draining",
-        () = activity.idle_for(idle) => "idle",
+        why = &mut closing => why,
     };
     tracing::trace!("closing a client connection: {why}");
     conn.as_mut().graceful_shutdown();
