@@ -219,6 +219,72 @@ async fn a_stalled_partial_preface_is_closed_at_the_header_read_timeout() {
     metric_eventually(&router, Patience::SHORT, CONNECTIONS, &[], 0.0).await;
 }
 
+/// A request head that stalls halfway is cut at the header read timeout, on a fresh
+/// connection and on a keep-alive connection between requests alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_http1_head_is_closed_at_the_header_read_timeout() {
+    let model = Model::start("m").await;
+    let router = router(
+        "headerReadTimeoutMs: 300, idleTimeoutMs: 60000",
+        &[model.addr],
+        "",
+    )
+    .await;
+    let request = raw_request("conn", "", "{}");
+    let half = &request.as_bytes()[..request.find("\r\n").unwrap() + 2];
+    for served_first in [false, true] {
+        let mut stream = TcpStream::connect(router.http).await.unwrap();
+        if served_first {
+            stream.write_all(request.as_bytes()).await.unwrap();
+            assert_eq!(read_response(&mut stream).await.0, 200);
+        }
+        stream.write_all(half).await.unwrap();
+        let started = Instant::now();
+        assert!(
+            closed_within(&mut stream, Duration::from_secs(10)).await,
+            "served first: {served_first}: a stalled head is cut"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(200));
+    }
+    metric_eventually(&router, Patience::SHORT, CONNECTIONS, &[], 0.0).await;
+}
+
+/// A head trickled a byte at a time, never silent for long, is still cut when the header
+/// read timeout has run out, long before its last byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_http1_head_is_closed_at_the_header_read_timeout() {
+    let model = Model::start("m").await;
+    let router = router(
+        "headerReadTimeoutMs: 300, idleTimeoutMs: 60000",
+        &[model.addr],
+        "",
+    )
+    .await;
+    let stream = TcpStream::connect(router.http).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let (mut read, mut write) = stream.into_split();
+    let request = raw_request("conn", "", "{}");
+    let started = Instant::now();
+    // 50 ms a byte: the head would take seconds to arrive.
+    let trickle = tokio::spawn(async move {
+        for byte in request.as_bytes() {
+            if write.write_all(&[*byte]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let mut byte = [0u8; 1];
+    let read = timeout(Duration::from_secs(10), read.read(&mut byte)).await;
+    assert!(matches!(read, Ok(Ok(0) | Err(_))), "{read:?}");
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(250) && elapsed < Duration::from_secs(2),
+        "cut after {elapsed:?}"
+    );
+    trickle.abort();
+}
+
 // ---------------------------------------------------------------------------------------
 // The connection limit
 
@@ -257,9 +323,9 @@ async fn at_the_connection_limit_new_connections_wait_until_one_closes() {
 // ---------------------------------------------------------------------------------------
 // Idle timeouts
 
-/// An idle HTTP/1.1 keep-alive connection is closed after the idle timeout; hyper also runs
-/// the header read timer while such a connection waits for its next request, so that
-/// timeout bounds idle HTTP/1.1 connections too.
+/// An idle HTTP/1.1 keep-alive connection is closed after the idle timeout; the header read
+/// timer also runs while such a connection waits for its next request, so that timeout
+/// bounds idle HTTP/1.1 connections too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_http1_keep_alive_connection_is_closed_after_either_timeout() {
     let model = Model::start("m").await;

@@ -18,7 +18,7 @@ use std::{
     pin::{Pin, pin},
     sync::{
         Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst},
     },
     task::{Context, Poll, ready},
     time::Duration,
@@ -56,16 +56,17 @@ struct Builders {
     h2: http2::Builder<TokioExecutor>,
     /// How long a connection may carry no request.
     idle_timeout: Duration,
+    /// How long an HTTP/1.1 connection may wait for a request head: from its start, and
+    /// from the end of each request on keep-alive.
+    header_read_timeout: Duration,
 }
 
 impl Builders {
     fn new(clients: &ClientsConfig) -> Self {
         let mut h1 = http1::Builder::new();
-        // hyper runs this timer from the moment a connection waits for a request head,
-        // including between requests on a keep-alive connection.
-        h1.timer(TokioTimer::new())
-            .header_read_timeout(clients.header_read_timeout())
-            .max_buf_size(64 * 1024);
+        // The header read timeout is kept by `drive`, with the idle timeout: hyper's own
+        // would arm and cancel a timer of its own for every request.
+        h1.header_read_timeout(None).max_buf_size(64 * 1024);
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30));
@@ -73,6 +74,7 @@ impl Builders {
             h1,
             h2,
             idle_timeout: clients.idle_timeout(),
+            header_read_timeout: clients.header_read_timeout(),
         }
     }
 
@@ -94,21 +96,27 @@ impl Builders {
         // task does not reserve room for the largest of them (h2, or TLS) in every case.
         if h2 {
             let conn = self.h2.serve_connection(io, service);
-            Box::pin(drive(conn, activity, self.idle_timeout, stop)).await
+            Box::pin(drive(conn, activity, self.idle_timeout, false, stop)).await
         } else {
+            // Between requests an HTTP/1.1 connection is waiting for a head, so the
+            // shorter timeout applies.
+            let wait = self.idle_timeout.min(self.header_read_timeout);
             let conn = self.h1.serve_connection(io, service);
-            Box::pin(drive(conn, activity, self.idle_timeout, stop)).await
+            Box::pin(drive(conn, activity, wait, true, stop)).await
         }
     }
 }
 
 /// Polls `conn` to its end. When the router drains, or when the connection has carried no
 /// request for `idle`, it is shut down gracefully: requests in flight finish, h2 clients
-/// get a GOAWAY, and an idle HTTP/1.1 connection closes at once.
+/// get a GOAWAY, and an idle HTTP/1.1 connection closes at once, as does one that has
+/// read part of its next request head. An HTTP/1.1 connection (`h1`) that has not yet
+/// carried a request is dropped instead: hyper would go on waiting for its first head.
 async fn drive<C>(
     conn: C,
     activity: &Activity,
     idle: Duration,
+    h1: bool,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), C::Error>
 where
@@ -129,6 +137,9 @@ where
         why = &mut closing => why,
     };
     tracing::trace!("closing a client connection: {why}");
+    if h1 && why == "idle" && !activity.carried_any() {
+        return Ok(());
+    }
     conn.as_mut().graceful_shutdown();
     conn.await
 }
@@ -141,6 +152,8 @@ struct Activity(Arc<ActivityState>);
 
 struct ActivityState {
     in_flight: AtomicUsize,
+    /// Whether a request has started on the connection.
+    carried: AtomicBool,
     /// When the last request ended, in milliseconds since `since`.
     last_end_ms: AtomicU64,
     since: Instant,
@@ -150,6 +163,7 @@ impl Activity {
     fn new() -> Self {
         Activity(Arc::new(ActivityState {
             in_flight: AtomicUsize::new(0),
+            carried: AtomicBool::new(false),
             last_end_ms: AtomicU64::new(0),
             since: Instant::now(),
         }))
@@ -158,7 +172,12 @@ impl Activity {
     /// Marks a request as in flight until the guard drops.
     fn start(&self) -> Active {
         self.0.in_flight.fetch_add(1, SeqCst);
+        self.0.carried.store(true, SeqCst);
         Active(self.0.clone())
+    }
+
+    fn carried_any(&self) -> bool {
+        self.0.carried.load(SeqCst)
     }
 
     /// Returns once no request has been in flight for `idle`.
