@@ -16,7 +16,10 @@ use scorefront::{
     error::{ClientError, ProxyError},
     metrics::Metrics,
     proxy::{
-        headers::{MAX_ID_LEN, MODEL_DEPLOYMENT, MS_CLIENT_REQUEST_ID, REQUEST_ID, RequestIds},
+        headers::{
+            MAX_ID_LEN, MODEL_DEPLOYMENT, MS_CLIENT_REQUEST_ID, REQUEST_ID, RequestFields,
+            RequestIds,
+        },
         slots::VersionSlots,
         table::RoutingTable,
     },
@@ -265,7 +268,7 @@ proptest! {
             headers.insert(MS_CLIENT_REQUEST_ID, HeaderValue::from_bytes(c).unwrap());
         }
         let too_long = |v: &Option<Vec<u8>>| v.as_ref().is_some_and(|v| v.len() > MAX_ID_LEN);
-        match RequestIds::read(&headers) {
+        match RequestIds::read(&RequestFields::read(&headers)) {
             Err(e) => {
                 prop_assert!(too_long(&id) || too_long(&client_id));
                 let too_large = matches!(e, ClientError::HeaderTooLarge(_));

@@ -2,7 +2,7 @@
 //! keys every time, so timing tells nothing about which key (if any) was close. Token mode
 //! hands the bearer token to the [`Verifier`].
 
-use http::{HeaderMap, header::AUTHORIZATION};
+use http::HeaderValue;
 use subtle::{Choice, ConstantTimeEq};
 
 use crate::{
@@ -11,9 +11,10 @@ use crate::{
     token::{Reason, Verifier},
 };
 
-/// The credential of `Authorization: Bearer <credential>` (scheme case-insensitive).
-pub fn bearer(headers: &HeaderMap) -> Option<&[u8]> {
-    let value = headers.get(AUTHORIZATION)?.as_bytes();
+/// The credential of `Authorization: Bearer <credential>` (scheme case-insensitive), given
+/// the field's value.
+pub fn bearer(authorization: Option<&HeaderValue>) -> Option<&[u8]> {
+    let value = authorization?.as_bytes();
     let (scheme, rest) = value.split_at_checked(7)?;
     scheme
         .eq_ignore_ascii_case(b"bearer ")
@@ -21,18 +22,18 @@ pub fn bearer(headers: &HeaderMap) -> Option<&[u8]> {
         .filter(|c| !c.is_empty())
 }
 
-/// Checks the credential of a request to `endpoint`.
+/// Checks the credential of a request to `endpoint`, given its `Authorization` field.
 pub async fn verify(
     auth: &Auth,
     endpoint: &str,
-    headers: &HeaderMap,
+    authorization: Option<&HeaderValue>,
     tokens: &Verifier,
 ) -> Result<(), ClientError> {
     let refuse = |token, reason| ClientError::Unauthorized { token, reason };
     match auth {
         Auth::None => Ok(()),
         Auth::Token { issuers } => {
-            let given = bearer(headers).ok_or(refuse(true, Reason::Missing))?;
+            let given = bearer(authorization).ok_or(refuse(true, Reason::Missing))?;
             // Boxed: a token's check (which may fetch a key set) is a large future, and
             // every request would otherwise carry room for it, keys or not.
             Box::pin(tokens.verify(endpoint, issuers, given))
@@ -40,7 +41,7 @@ pub async fn verify(
                 .map_err(|reason| refuse(true, reason))
         }
         Auth::Key { primary, secondary } => {
-            let given = bearer(headers).ok_or(refuse(false, Reason::Missing))?;
+            let given = bearer(authorization).ok_or(refuse(false, Reason::Missing))?;
             let primary_ok = key_eq(given, primary.as_bytes());
             let secondary_ok = match secondary {
                 Some(s) => key_eq(given, s.as_bytes()),
@@ -74,15 +75,10 @@ fn key_eq(given: &[u8], key: &[u8]) -> Choice {
 mod tests {
     use super::*;
 
-    fn headers(auth: &str) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        h.insert(AUTHORIZATION, auth.parse().unwrap());
-        h
-    }
-
-    async fn check(auth: &Auth, headers: &HeaderMap) -> Result<(), ClientError> {
+    async fn check(auth: &Auth, authorization: Option<&str>) -> Result<(), ClientError> {
         let tokens = Verifier::from_config(&Default::default()).unwrap();
-        verify(auth, "ep", headers, &tokens).await
+        let value = authorization.map(|a| HeaderValue::from_str(a).unwrap());
+        verify(auth, "ep", value.as_ref(), &tokens).await
     }
 
     #[tokio::test]
@@ -92,12 +88,12 @@ mod tests {
             secondary: Some("secondary-key-0123456789".into()),
         };
         assert!(
-            check(&auth, &headers("Bearer primary-key-0123456789"))
+            check(&auth, Some("Bearer primary-key-0123456789"))
                 .await
                 .is_ok()
         );
         assert!(
-            check(&auth, &headers("bearer secondary-key-0123456789"))
+            check(&auth, Some("bearer secondary-key-0123456789"))
                 .await
                 .is_ok()
         );
@@ -110,20 +106,20 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    check(&auth, &headers(bad)).await,
+                    check(&auth, Some(bad)).await,
                     Err(ClientError::Unauthorized { token: false, .. })
                 ),
                 "{bad}"
             );
         }
         assert_eq!(
-            check(&auth, &HeaderMap::new()).await,
+            check(&auth, None).await,
             Err(ClientError::Unauthorized {
                 token: false,
                 reason: Reason::Missing
             })
         );
-        assert!(check(&Auth::None, &HeaderMap::new()).await.is_ok());
+        assert!(check(&Auth::None, None).await.is_ok());
     }
 
     #[test]

@@ -40,7 +40,10 @@ use tokio::{
     time::Instant,
 };
 
-use super::body::{BoxError, Buffered};
+use super::{
+    body::{BoxError, Buffered},
+    headers::{self, ReplicaFields},
+};
 use crate::config::UpstreamConfig;
 
 /// Request body sent upstream: the client's body, its buffered start then the rest.
@@ -210,6 +213,7 @@ pub async fn send(
     pool: &ConnPool,
     addr: SocketAddr,
     req: Request<RequestBody>,
+    added: &ReplicaFields,
     limit: u64,
     settings: &UpstreamConfig,
 ) -> Result<Response<UpstreamBody>, SendError> {
@@ -222,7 +226,7 @@ pub async fn send(
         ))
     };
     while let Some(conn) = pool.take(settings.idle_timeout()) {
-        match exchange(conn, &parts, sender).await {
+        match exchange(conn, &parts, added, sender).await {
             // The replica closed an idle connection under us: try the next one.
             Err(Attempt::NotSent(back, _)) => sender = back,
             Err(Attempt::Failed(f)) => return Err(SendError::Failed(f)),
@@ -233,7 +237,7 @@ pub async fn send(
         Ok(conn) => conn,
         Err(e) => return not_sent(parts, sender, format!("connect {addr}: {e}")),
     };
-    match exchange(conn, &parts, sender).await {
+    match exchange(conn, &parts, added, sender).await {
         Ok(resp) => Ok(resp),
         Err(Attempt::NotSent(back, reason)) => not_sent(parts, back, reason),
         Err(Attempt::Failed(f)) => Err(SendError::Failed(f)),
@@ -251,9 +255,10 @@ enum Attempt {
 async fn exchange(
     mut conn: Conn,
     parts: &http::request::Parts,
+    added: &ReplicaFields,
     mut sender: Sender,
 ) -> Result<Response<UpstreamBody>, Attempt> {
-    sender.start(&mut conn, parts);
+    sender.start(&mut conn, parts, added);
     let head_request = parts.method == Method::HEAD;
     let mut sending = true;
     // A write that failed after the request started: the replica may still have answered.
@@ -349,7 +354,7 @@ impl Sender {
 
     /// Encodes the head and the body's buffered start, which is taken from the body only
     /// once the first byte is written, so an unwritten request stays whole.
-    fn start(&mut self, conn: &mut Conn, parts: &http::request::Parts) {
+    fn start(&mut self, conn: &mut Conn, parts: &http::request::Parts, added: &ReplicaFields) {
         let w = &mut conn.wbuf;
         w.clear();
         conn.wpos = 0;
@@ -359,16 +364,20 @@ impl Sender {
         w.extend_from_slice(target.as_bytes());
         w.extend_from_slice(b" HTTP/1.1\r\n");
         for (name, value) in &parts.headers {
+            if !headers::to_replica(name) {
+                continue;
+            }
             w.extend_from_slice(name.as_str().as_bytes());
             w.extend_from_slice(b": ");
             w.extend_from_slice(value.as_bytes());
             w.extend_from_slice(b"\r\n");
         }
+        added.encode(w);
         // The client's framing is kept: its `content-length` if it sent one; otherwise the
         // body's exact length if known (h2 may leave it out), except for an empty body
         // where the method has no use for one; otherwise chunked.
         self.chunked = false;
-        if !parts.headers.contains_key(header::CONTENT_LENGTH) {
+        if !added.client_length {
             match self.body.size_hint().exact() {
                 None => {
                     self.chunked = true;

@@ -1,5 +1,10 @@
 //! Header rules of DESIGN.md 1.1: request ids, what is forwarded to a replica, and what is
 //! added to every response.
+//!
+//! A request's fields are read once, in one pass over its head ([`RequestFields`]), and the
+//! request goes to its replica with the router's own fields written after the client's
+//! ([`ReplicaFields`], [`to_replica`]) rather than put into its map: comparing names costs
+//! less than hashing each name looked up or set.
 
 use std::{
     cell::RefCell,
@@ -8,7 +13,7 @@ use std::{
 
 use http::{
     HeaderMap, HeaderName, HeaderValue,
-    header::{self, AUTHORIZATION, CONNECTION, HOST},
+    header::{self, CONNECTION},
 };
 
 use crate::error::ClientError;
@@ -17,13 +22,60 @@ pub const MODEL_DEPLOYMENT: HeaderName = HeaderName::from_static("azureml-model-
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const MS_REQUEST_ID: HeaderName = HeaderName::from_static("x-ms-request-id");
 pub const MS_CLIENT_REQUEST_ID: HeaderName = HeaderName::from_static("x-ms-client-request-id");
-const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Longest request id header accepted, as the AzureML scoring server enforces.
 pub const MAX_ID_LEN: usize = 100;
+
+/// The fields of a request head the router reads, each the first value of its name (as
+/// `HeaderMap::get` gives it).
+#[derive(Debug, Default)]
+pub struct RequestFields {
+    pub request_id: Option<HeaderValue>,
+    pub client_request_id: Option<HeaderValue>,
+    pub model_deployment: Option<HeaderValue>,
+    pub authorization: Option<HeaderValue>,
+    content_length: Option<HeaderValue>,
+    forwarded_for: Option<HeaderValue>,
+    host: bool,
+    /// A `Connection` field is present: it may name more fields that stay here.
+    connection: bool,
+}
+
+impl RequestFields {
+    pub fn read(headers: &HeaderMap) -> Self {
+        let mut f = RequestFields::default();
+        for (name, value) in headers {
+            let first = match name.as_str() {
+                "x-request-id" => &mut f.request_id,
+                "x-ms-client-request-id" => &mut f.client_request_id,
+                "azureml-model-deployment" => &mut f.model_deployment,
+                "authorization" => &mut f.authorization,
+                "content-length" => &mut f.content_length,
+                "x-forwarded-for" => &mut f.forwarded_for,
+                "host" => {
+                    f.host = true;
+                    continue;
+                }
+                "connection" => {
+                    f.connection = true;
+                    continue;
+                }
+                _ => continue,
+            };
+            if first.is_none() {
+                *first = Some(value.clone());
+            }
+        }
+        f
+    }
+
+    /// The declared body length, if the client sent a valid one.
+    pub fn content_length(&self) -> Option<u64> {
+        self.content_length.as_ref()?.to_str().ok()?.parse().ok()
+    }
+}
 
 /// The ids a request carries through the router.
 #[derive(Debug, Clone)]
@@ -34,15 +86,15 @@ pub struct RequestIds {
 
 impl RequestIds {
     /// Keeps a valid `x-request-id`, else makes a UUID v4; refuses ids over 100 chars.
-    pub fn read(headers: &HeaderMap) -> Result<Self, ClientError> {
-        let client_request_id = headers.get(&MS_CLIENT_REQUEST_ID).cloned();
+    pub fn read(fields: &RequestFields) -> Result<Self, ClientError> {
+        let client_request_id = fields.client_request_id.clone();
         if client_request_id
             .as_ref()
             .is_some_and(|v| v.len() > MAX_ID_LEN)
         {
             return Err(ClientError::HeaderTooLarge("x-ms-client-request-id"));
         }
-        let request_id = match headers.get(&REQUEST_ID) {
+        let request_id = match &fields.request_id {
             Some(v) if v.len() > MAX_ID_LEN => {
                 return Err(ClientError::HeaderTooLarge("x-request-id"));
             }
@@ -116,22 +168,33 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         return;
     }
     if present & 1 != 0 {
-        // `Connection` is HOP_BY_HOP[0]. Its values share the message's buffer, so
-        // holding them while removing costs no copy; a second value is rare.
-        let mut values = headers.get_all(CONNECTION).iter();
-        let first = values.next().cloned();
-        let more: Vec<HeaderValue> = values.cloned().collect();
-        headers.remove(CONNECTION);
-        for v in first.iter().chain(&more) {
-            let Ok(v) = v.to_str() else { continue };
-            for name in v.split(',') {
-                // Parsed on the stack; a token that is no valid name removes nothing.
-                headers.remove(name.trim());
-            }
+        // `Connection` is HOP_BY_HOP[0].
+        strip_connection_named(headers);
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
         }
     }
-    for (i, name) in HOP_BY_HOP.iter().enumerate().skip(1) {
-        if present & (1 << i) != 0 {
+}
+
+/// Removes the fields that `Connection` names, other than the hop-by-hop ones (which go
+/// anyway) and `close`.
+fn strip_connection_named(headers: &mut HeaderMap) {
+    // The values share the message's buffer, so holding them while removing costs no
+    // copy; a second value is rare.
+    let mut values = headers.get_all(CONNECTION).iter();
+    let first = values.next().cloned();
+    let more: Vec<HeaderValue> = values.cloned().collect();
+    for v in first.iter().chain(&more) {
+        let Ok(v) = v.to_str() else { continue };
+        for name in v.split(',').map(str::trim) {
+            if name.eq_ignore_ascii_case("close")
+                || HeaderName::from_bytes(name.as_bytes()).is_ok_and(|n| hop_index(&n).is_some())
+            {
+                continue;
+            }
+            // Parsed on the stack; a token that is no valid name removes nothing.
             headers.remove(name);
         }
     }
@@ -146,32 +209,74 @@ pub fn closes_connection(headers: &HeaderMap) -> bool {
     })
 }
 
-/// Turns the client's headers into the ones a replica gets.
+/// Whether the client's field `name` goes to the replica as it is. Hop-by-hop fields, the
+/// credential and `Expect` (the router answers `100-continue` itself when it starts
+/// reading the body) stay here; the fields of [`ReplicaFields`] are replaced.
+pub fn to_replica(name: &HeaderName) -> bool {
+    !matches!(
+        name.as_str(),
+        "authorization" | "expect" | "x-forwarded-for" | "x-forwarded-proto" | "x-request-id"
+    ) && hop_index(name).is_none()
+}
+
+/// The fields the router sets on a request to a replica, written after the client's own.
+#[derive(Debug)]
+pub struct ReplicaFields {
+    /// The client sent a `content-length`, which goes on with its body.
+    pub client_length: bool,
+    /// From the request target's authority, when the client sent no `Host` (h2).
+    host: Option<HeaderValue>,
+    forwarded_for: HeaderValue,
+    proto: &'static str,
+    request_id: HeaderValue,
+}
+
+impl ReplicaFields {
+    /// Appends the fields to a request head being encoded.
+    pub fn encode(&self, w: &mut Vec<u8>) {
+        let mut field = |name: &[u8], value: &[u8]| {
+            w.extend_from_slice(name);
+            w.extend_from_slice(value);
+            w.extend_from_slice(b"\r\n");
+        };
+        if let Some(host) = &self.host {
+            field(b"host: ", host.as_bytes());
+        }
+        field(b"x-forwarded-for: ", self.forwarded_for.as_bytes());
+        field(b"x-forwarded-proto: ", self.proto.as_bytes());
+        field(b"x-request-id: ", self.request_id.as_bytes());
+    }
+}
+
+/// What a replica gets of the client's request: fields `Connection` names are removed
+/// from `headers` (the rest of what stays here is left out by [`to_replica`]), and the
+/// router's own fields are returned.
 pub fn for_replica(
     headers: &mut HeaderMap,
+    fields: &RequestFields,
     authority: Option<&http::uri::Authority>,
     client: SocketAddr,
     scheme: &'static str,
     ids: &RequestIds,
-) {
-    strip_hop_by_hop(headers);
-    headers.remove(AUTHORIZATION);
-    // The router answers `Expect: 100-continue` itself when it starts reading the body.
-    headers.remove(header::EXPECT);
-    if !headers.contains_key(HOST)
-        && let Some(a) = authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    {
-        headers.insert(HOST, a);
+) -> ReplicaFields {
+    if fields.connection {
+        strip_connection_named(headers);
     }
-    let forwarded = match headers.get(&FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) => HeaderValue::from_str(&format!("{prior}, {}", client.ip())).ok(),
-        None => Some(client_ip_value(client.ip())),
+    let host = match fields.host {
+        true => None,
+        false => authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
     };
-    if let Some(v) = forwarded {
-        headers.insert(FORWARDED_FOR, v);
+    let prior = fields.forwarded_for.as_ref().and_then(|v| v.to_str().ok());
+    let forwarded_for = prior
+        .and_then(|prior| HeaderValue::from_str(&format!("{prior}, {}", client.ip())).ok())
+        .unwrap_or_else(|| client_ip_value(client.ip()));
+    ReplicaFields {
+        client_length: fields.content_length.is_some(),
+        host,
+        forwarded_for,
+        proto: scheme,
+        request_id: ids.request_id.clone(),
     }
-    headers.insert(FORWARDED_PROTO, HeaderValue::from_static(scheme));
-    headers.insert(REQUEST_ID, ids.request_id.clone());
 }
 
 thread_local! {
@@ -217,16 +322,72 @@ mod tests {
     #[test]
     fn ids_are_kept_generated_or_refused() {
         let mut h = HeaderMap::new();
-        let fresh = RequestIds::read(&h).unwrap().request_id;
+        let fresh = RequestIds::read(&RequestFields::read(&h))
+            .unwrap()
+            .request_id;
         assert_eq!(fresh.len(), 36);
         h.insert(REQUEST_ID, HeaderValue::from_static("abc-123"));
-        assert_eq!(RequestIds::read(&h).unwrap().request_id, "abc-123");
+        assert_eq!(
+            RequestIds::read(&RequestFields::read(&h))
+                .unwrap()
+                .request_id,
+            "abc-123"
+        );
         h.insert(REQUEST_ID, HeaderValue::from_static(""));
-        assert_eq!(RequestIds::read(&h).unwrap().request_id.len(), 36);
+        assert_eq!(
+            RequestIds::read(&RequestFields::read(&h))
+                .unwrap()
+                .request_id
+                .len(),
+            36
+        );
         h.insert(REQUEST_ID, HeaderValue::from_str(&"a".repeat(101)).unwrap());
-        assert!(RequestIds::read(&h).is_err());
+        assert!(RequestIds::read(&RequestFields::read(&h)).is_err());
         h.insert(REQUEST_ID, HeaderValue::from_str(&"a".repeat(100)).unwrap());
-        assert!(RequestIds::read(&h).is_ok());
+        assert!(RequestIds::read(&RequestFields::read(&h)).is_ok());
+    }
+
+    #[test]
+    fn request_fields_are_the_first_value_of_each_name() {
+        let mut h = HeaderMap::new();
+        h.append(REQUEST_ID, HeaderValue::from_static("first"));
+        h.append(REQUEST_ID, HeaderValue::from_static("second"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer k"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("12"));
+        h.insert(MODEL_DEPLOYMENT, HeaderValue::from_static("blue"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        let f = RequestFields::read(&h);
+        assert_eq!(f.request_id.as_ref().unwrap(), "first");
+        assert_eq!(f.authorization.as_ref().unwrap(), "Bearer k");
+        assert_eq!(f.model_deployment.as_ref().unwrap(), "blue");
+        assert_eq!(f.content_length(), Some(12));
+        assert!(f.connection && !f.host && f.client_request_id.is_none());
+    }
+
+    #[test]
+    fn fields_the_router_keeps_or_replaces_do_not_go_to_the_replica() {
+        for name in [
+            header::AUTHORIZATION,
+            header::EXPECT,
+            header::CONNECTION,
+            header::TRANSFER_ENCODING,
+            header::TE,
+            REQUEST_ID,
+            HeaderName::from_static("x-forwarded-for"),
+            HeaderName::from_static("x-forwarded-proto"),
+            KEEP_ALIVE,
+        ] {
+            assert!(!to_replica(&name), "{name}");
+        }
+        for name in [
+            header::HOST,
+            header::CONTENT_TYPE,
+            header::CONTENT_LENGTH,
+            MS_CLIENT_REQUEST_ID,
+            MODEL_DEPLOYMENT,
+        ] {
+            assert!(to_replica(&name), "{name}");
+        }
     }
 
     #[test]

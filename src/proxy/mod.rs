@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use self::{
     body::{Buffered, DRAIN_MAX_BYTES, ProxyBody, Record, Upstream},
     forward::{Failure, RequestBody, SendError, UpstreamBody},
-    headers::RequestIds,
+    headers::{ReplicaFields, RequestFields, RequestIds},
     slots::Slot,
     table::{RoutingTable, VersionRoute},
 };
@@ -105,10 +105,11 @@ impl Proxy {
 
     pub async fn handle(&self, req: Request<Incoming>, client: ClientInfo) -> Response<ProxyBody> {
         let (parts, body) = req.into_parts();
+        let fields = RequestFields::read(&parts.headers);
         // Over h2, a body the router does not forward is drained behind its answer (see
         // `body::Drain`), unless it is declared too large to finish within the bound.
         let drainable = parts.version == http::Version::HTTP_2
-            && content_length(&parts.headers).is_none_or(|n| n <= DRAIN_MAX_BYTES);
+            && fields.content_length().is_none_or(|n| n <= DRAIN_MAX_BYTES);
         let mut body = Some(Buffered::unread(body));
         let mut record = Record {
             metrics: self.metrics.clone(),
@@ -124,7 +125,10 @@ impl Proxy {
             upstream: None,
             outcome: "",
         };
-        match self.process(parts, &mut body, client, &mut record).await {
+        match self
+            .process(parts, &fields, &mut body, client, &mut record)
+            .await
+        {
             Ok((resp, upstream)) => {
                 let (mut parts, body) = resp.into_parts();
                 headers::strip_hop_by_hop(&mut parts.headers);
@@ -145,11 +149,12 @@ impl Proxy {
     async fn process(
         &self,
         mut parts: http::request::Parts,
+        fields: &RequestFields,
         body: &mut Option<Buffered>,
         client: ClientInfo,
         record: &mut Record,
     ) -> Result<(Response<UpstreamBody>, Upstream), ProxyError> {
-        let ids = RequestIds::read(&parts.headers)?;
+        let ids = RequestIds::read(fields)?;
         let ids = record.ids.insert(ids);
         let (name, rest) = split_path(&parts.uri)?;
         let endpoint = self
@@ -159,8 +164,13 @@ impl Proxy {
             .cloned()
             .ok_or_else(|| ClientError::EndpointNotFound(name.to_owned()))?;
         record.endpoint = Some(endpoint.clone());
-        if let Err(e) =
-            auth::verify(&endpoint.auth, &endpoint.name, &parts.headers, &self.tokens).await
+        if let Err(e) = auth::verify(
+            &endpoint.auth,
+            &endpoint.name,
+            fields.authorization.as_ref(),
+            &self.tokens,
+        )
+        .await
         {
             if let ClientError::Unauthorized { reason, .. } = e {
                 self.metrics
@@ -168,14 +178,11 @@ impl Proxy {
             }
             return Err(e.into());
         }
-        let pin = parts
-            .headers
-            .get(&headers::MODEL_DEPLOYMENT)
-            .map(|v| v.as_bytes());
+        let pin = fields.model_deployment.as_ref().map(|v| v.as_bytes());
         let version = endpoint.pick(pin, rand::random_range(0..100))?.clone();
         record.version = Some(version.clone());
         let limit = self.max_body.load(Relaxed);
-        if content_length(&parts.headers).is_some_and(|n| n > limit) {
+        if fields.content_length().is_some_and(|n| n > limit) {
             return Err(ClientError::PayloadTooLarge { limit }.into());
         }
         let buffered = body
@@ -196,8 +203,9 @@ impl Proxy {
         let body = body
             .take()
             .ok_or_else(|| ProxyError::Internal("request body already taken".into()))?;
-        headers::for_replica(
+        let added = headers::for_replica(
             &mut parts.headers,
+            fields,
             parts.uri.authority(),
             client.addr,
             client.scheme,
@@ -210,6 +218,7 @@ impl Proxy {
             &version,
             slot,
             upstream_req,
+            &added,
             limit,
             &self.upstream,
             acquired,
@@ -242,6 +251,7 @@ async fn forward(
     version: &VersionRoute,
     mut slot: Slot,
     req: Request<RequestBody>,
+    added: &ReplicaFields,
     limit: u64,
     settings: &UpstreamConfig,
     sent_at: Instant,
@@ -263,7 +273,7 @@ async fn forward(
         let replica = slot.replica().clone();
         let sent = tokio::select! {
             biased;
-            sent = forward::send(&replica.conns, replica.addr, req, limit, settings) => sent,
+            sent = forward::send(&replica.conns, replica.addr, req, added, limit, settings) => sent,
             () = &mut deadline => return Err(timed_out().into()),
         };
         version.observe(&replica, &sent, &settings.outlier_detection);
@@ -305,15 +315,6 @@ async fn forward(
             }
         }
     }
-}
-
-fn content_length(headers: &http::HeaderMap) -> Option<u64> {
-    headers
-        .get(http::header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
 }
 
 /// Splits `/api/v1/{service|endpoint}/{name}/{rest}` into the name and the origin-form URI
