@@ -360,8 +360,8 @@ impl Sender {
         conn.wpos = 0;
         w.extend_from_slice(parts.method.as_str().as_bytes());
         w.push(b' ');
-        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        w.extend_from_slice(target.as_bytes());
+        w.push(b'/');
+        w.extend_from_slice(super::replica_target(&parts.uri, added.target_at).as_bytes());
         w.extend_from_slice(b" HTTP/1.1\r\n");
         for (name, value) in &parts.headers {
             if !headers::to_replica(name) {

@@ -224,6 +224,9 @@ pub fn to_replica(name: &HeaderName) -> bool {
 pub struct ReplicaFields {
     /// The client sent a `content-length`, which goes on with its body.
     pub client_length: bool,
+    /// Where the request target the replica gets continues in the client's (see
+    /// [`super::replica_target`]).
+    pub target_at: usize,
     /// From the request target's authority, when the client sent no `Host` (h2).
     host: Option<HeaderValue>,
     forwarded_for: HeaderValue,
@@ -258,6 +261,7 @@ pub fn for_replica(
     client: SocketAddr,
     scheme: &'static str,
     ids: &RequestIds,
+    target_at: usize,
 ) -> ReplicaFields {
     if fields.connection {
         strip_connection_named(headers);
@@ -272,6 +276,7 @@ pub fn for_replica(
         .unwrap_or_else(|| client_ip_value(client.ip()));
     ReplicaFields {
         client_length: fields.content_length.is_some(),
+        target_at,
         host,
         forwarded_for,
         proto: scheme,

@@ -14,17 +14,16 @@ pub mod table;
 
 use std::{
     net::SocketAddr,
+    pin::pin,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering::Relaxed},
     },
+    task::Poll,
 };
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
-use http::{
-    HeaderValue, Request, Response, StatusCode, Uri, header::CONTENT_TYPE, uri::PathAndQuery,
-};
+use http::{HeaderValue, Request, Response, StatusCode, Uri, header::CONTENT_TYPE};
 use hyper::body::{Body as _, Incoming};
 use tokio::time::Instant;
 
@@ -156,7 +155,7 @@ impl Proxy {
     ) -> Result<(Response<UpstreamBody>, Upstream), ProxyError> {
         let ids = RequestIds::read(fields)?;
         let ids = record.ids.insert(ids);
-        let (name, rest) = split_path(&parts.uri)?;
+        let (name, target_at) = split_path(&parts.uri)?;
         let endpoint = self
             .table
             .load()
@@ -210,8 +209,8 @@ impl Proxy {
             client.addr,
             client.scheme,
             ids,
+            target_at,
         );
-        parts.uri = rest;
         parts.version = http::Version::HTTP_11;
         let upstream_req = Request::from_parts(parts, body);
         forward(
@@ -234,7 +233,16 @@ impl Proxy {
             .clients
             .request_buffer_bytes
             .min(limit.saturating_add(1));
-        match tokio::time::timeout(timeout, body.fill(max)).await {
+        let filled = {
+            let mut fill = pin!(body.fill(max));
+            // A small body mostly comes with its head: the timer is set only for one that
+            // has not.
+            match futures::poll!(fill.as_mut()) {
+                Poll::Ready(filled) => Ok(filled),
+                Poll::Pending => tokio::time::timeout(timeout, fill).await,
+            }
+        };
+        match filled {
             Err(_) => Err(ClientError::RequestTimeout {
                 timeout_ms: timeout.as_millis() as u64,
             }),
@@ -319,26 +327,28 @@ async fn forward(
 
 /// Splits `/api/v1/{service|endpoint}/{name}/{rest}` into the name and the origin-form URI
 /// the replica gets (`/{rest}` with the original query).
-pub fn split_path(uri: &Uri) -> Result<(&str, Uri), ClientError> {
+pub fn split_path(uri: &Uri) -> Result<(&str, usize), ClientError> {
     let path = uri.path();
-    let tail = path
-        .strip_prefix("/api/v1/service/")
-        .or_else(|| path.strip_prefix("/api/v1/endpoint/"))
+    let prefix = ["/api/v1/service/", "/api/v1/endpoint/"]
+        .into_iter()
+        .find(|p| path.starts_with(p))
         .ok_or(ClientError::BadPath)?;
-    let (name, rest) = tail.split_once('/').unwrap_or((tail, ""));
+    let tail = &path[prefix.len()..];
+    let name = tail.split('/').next().unwrap_or_default();
     if name.is_empty() {
         return Err(ClientError::BadPath);
     }
-    let mut target = String::with_capacity(rest.len() + 1 + uri.query().map_or(0, |q| q.len() + 1));
-    target.push('/');
-    target.push_str(rest);
-    if let Some(q) = uri.query() {
-        target.push('?');
-        target.push_str(q);
-    }
-    let pq =
-        PathAndQuery::from_maybe_shared(Bytes::from(target)).map_err(|_| ClientError::BadPath)?;
-    Ok((name, Uri::from(pq)))
+    // After the name's slash, or at the query (or the end) when there is none.
+    let at = prefix.len() + name.len();
+    Ok((name, at + usize::from(tail.len() > name.len())))
+}
+
+/// The replica's request target after its leading `/`: the client's path and query from
+/// `at`, where [`split_path`] found the rest of the path to begin. A suffix of a valid
+/// path and query is one.
+pub fn replica_target(uri: &Uri, at: usize) -> &str {
+    let pq = uri.path_and_query().map_or("", |p| p.as_str());
+    pq.get(at..).unwrap_or_default()
 }
 
 /// Adds the id and version headers; a request refused before its ids were read gets a
@@ -398,6 +408,8 @@ mod tests {
                 "/score?a=1&b=%20",
             ),
             ("/api/v1/service/fraud", "fraud", "/"),
+            ("/api/v1/service/fraud?a=1", "fraud", "/?a=1"),
+            ("http://host:1/api/v1/service/fraud/x?a", "fraud", "/x?a"),
             ("/api/v1/service/fraud/", "fraud", "/"),
             (
                 "/api/v1/service/fraud/swagger.json",
@@ -408,8 +420,9 @@ mod tests {
         ];
         for (input, name, target) in cases {
             let uri: Uri = input.parse().unwrap();
-            let (n, t) = split_path(&uri).unwrap();
-            assert_eq!((n, t.to_string().as_str()), (name, target), "{input}");
+            let (n, at) = split_path(&uri).unwrap();
+            let t = format!("/{}", replica_target(&uri, at));
+            assert_eq!((n, t.as_str()), (name, target), "{input}");
         }
         for bad in ["/", "/api/v1/service/", "/api/v1/model/x/score", "/score"] {
             assert!(split_path(&bad.parse().unwrap()).is_err(), "{bad}");
