@@ -102,7 +102,13 @@ impl Proxy {
         self.max_body.store(bytes, Relaxed);
     }
 
-    pub async fn handle(&self, req: Request<Incoming>, client: ClientInfo) -> Response<ProxyBody> {
+    /// Answers one request. The future owns its handle on the proxy, so the server can box
+    /// it as it is, with no wrapper future to move it into.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        client: ClientInfo,
+    ) -> Response<ProxyBody> {
         let (parts, body) = req.into_parts();
         let fields = RequestFields::read(&parts.headers);
         // Over h2, a body the router does not forward is drained behind its answer (see

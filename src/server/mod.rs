@@ -27,7 +27,7 @@ use std::{
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::server::conn::{http1, http2};
-use hyper::{Request, body::Incoming, service::service_fn};
+use hyper::{Request, Response, body::Incoming, service::service_fn};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::graceful::GracefulConnection,
@@ -205,6 +205,30 @@ impl Drop for Active {
         let ended = self.0.since.elapsed().as_millis() as u64;
         self.0.last_end_ms.fetch_max(ended, SeqCst);
         self.0.in_flight.fetch_sub(1, SeqCst);
+    }
+}
+
+/// A request being answered. The answer's future is boxed, so an idle connection does not
+/// carry room for a request in flight.
+struct Serving<F> {
+    response: Pin<Box<F>>,
+    /// Handed to the response body once the answer is made.
+    active: Option<Active>,
+}
+
+impl<F: Future<Output = Response<ProxyBody>>> Future for Serving<F> {
+    type Output = Result<Response<Served>, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let response = ready!(self.response.as_mut().poll(cx));
+        let active = self
+            .active
+            .take()
+            .expect("Serving polled after it completed");
+        Poll::Ready(Ok(response.map(|body| Served {
+            body,
+            _active: active,
+        })))
     }
 }
 
@@ -536,17 +560,9 @@ pub async fn serve_data(
         let activity = Activity::new();
         let service = {
             let (proxy, activity) = (proxy.clone(), activity.clone());
-            service_fn(move |req: Request<Incoming>| {
-                let proxy = proxy.clone();
-                let active = activity.start();
-                // Boxed, so an idle connection does not carry room for a request in flight.
-                Box::pin(async move {
-                    let body = proxy.handle(req, client).await.map(|body| Served {
-                        body,
-                        _active: active,
-                    });
-                    Ok::<_, Infallible>(body)
-                })
+            service_fn(move |req: Request<Incoming>| Serving {
+                response: Box::pin(proxy.clone().handle(req, client)),
+                active: Some(activity.start()),
             })
         };
         // The connection's protocol is settled in its own task (the TLS handshake, or a
