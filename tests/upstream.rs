@@ -506,6 +506,14 @@ async fn heads_over_the_limits_and_invalid_framing_are_502() {
             reply(r)
         } else if head.contains("x-lengths") {
             reply(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nabc".to_vec())
+        } else if head.contains("x-control") {
+            // A control byte inside a field value.
+            reply(b"HTTP/1.1 200 OK\r\nx-bad: a\x01b\r\ncontent-length: 2\r\n\r\nok".to_vec())
+        } else if head.contains("x-latin") {
+            // Bytes over 0x7f are allowed in a value (obs-text), and passed on as they are.
+            reply(
+                b"HTTP/1.1 200 OK\r\nx-latin: caf\xe9 \tx\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+            )
         } else {
             reply(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec())
         }
@@ -520,7 +528,11 @@ async fn heads_over_the_limits_and_invalid_framing_are_502() {
     for i in 0..60 {
         assert_eq!(parts.headers[format!("x-h{i}").as_str()], format!("v{i}"));
     }
-    for header in ["x-many", "x-huge", "x-lengths"] {
+    let latin = scoring_post(&url(&router), KEY, &[("x-latin", "1")], "{}");
+    let (parts, body) = send_ok(latin).await;
+    assert_eq!(&body[..], b"ok");
+    assert_eq!(parts.headers["x-latin"].as_bytes(), b"caf\xe9 \tx");
+    for header in ["x-many", "x-huge", "x-lengths", "x-control"] {
         let req = scoring_post(&url(&router), KEY, &[(header, "1")], "{}");
         let (parts, body) = send(req).await;
         assert_eq!(parts.status, 502, "{header}: {body:?}");

@@ -585,9 +585,10 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
         .filter(|r| Some(*r) != status.canonical_reason())
         .and_then(|r| ReasonPhrase::try_from(r.as_bytes().to_vec()).ok());
     let head = buf.split_to(len).freeze();
-    let headers = header_map(&head, fields)?;
-    let (framing, reusable) = response_framing(&headers, status, head_request)?;
-    let keep_alive = reusable && !http10 && !super::headers::closes_connection(&headers);
+    let (headers, seen) = header_map(&head, fields)?;
+    let (framing, reusable) = response_framing(&headers, seen, status, head_request)?;
+    let keep_alive =
+        reusable && !http10 && !(seen.connection && super::headers::closes_connection(&headers));
     Ok(Some(Parsed::Final(Head {
         status,
         reason,
@@ -605,30 +606,50 @@ fn field_at(buf: &[u8], h: &httparse::Header<'_>) -> (usize, usize, usize, usize
     (name, name + h.name.len(), value, value + h.value.len())
 }
 
-/// Header fields at the given (name, value) byte ranges of `block`; the values share it.
-fn header_map(block: &Bytes, fields: &[(usize, usize, usize, usize)]) -> Result<HeaderMap, String> {
+/// Which of the fields that bear on a response's framing and its connection a head has,
+/// noted while its map is built so that absent ones are not looked up.
+#[derive(Debug, Default, Clone, Copy)]
+struct Seen {
+    transfer_encoding: bool,
+    content_length: bool,
+    connection: bool,
+}
+
+/// Header fields at the given (name, value) byte ranges of `block`, as httparse found
+/// them there; the values share it.
+fn header_map(
+    block: &Bytes,
+    fields: &[(usize, usize, usize, usize)],
+) -> Result<(HeaderMap, Seen), String> {
     let mut map = HeaderMap::with_capacity(fields.len() + super::headers::ADDED_FOR_CLIENT);
+    let mut seen = Seen::default();
     for &(n0, n1, v0, v1) in fields {
         let name = HeaderName::from_bytes(&block[n0..n1])
             .map_err(|_| "invalid header name in the response".to_string())?;
-        let value = HeaderValue::from_maybe_shared(block.slice(v0..v1))
-            .map_err(|_| format!("invalid value of header {name} in the response"))?;
+        seen.transfer_encoding |= name == header::TRANSFER_ENCODING;
+        seen.content_length |= name == header::CONTENT_LENGTH;
+        seen.connection |= name == header::CONNECTION;
+        // SAFETY: httparse accepted these bytes as a field value. The bytes it accepts
+        // there (tab, space, visible ASCII, and 0x80 and above) are exactly those a
+        // `HeaderValue` may hold, so its check would find nothing.
+        let value = unsafe { HeaderValue::from_maybe_shared_unchecked(block.slice(v0..v1)) };
         map.append(name, value);
     }
-    Ok(map)
+    Ok((map, seen))
 }
 
 /// How the response body is delimited, and whether the connection may carry another
 /// exchange after it (RFC 9112 6.3).
 fn response_framing(
     headers: &HeaderMap,
+    seen: Seen,
     status: StatusCode,
     head_request: bool,
 ) -> Result<(Framing, bool), String> {
     if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok((Framing::Done, true));
     }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
+    if seen.transfer_encoding {
         let last = headers
             .get_all(header::TRANSFER_ENCODING)
             .iter()
@@ -637,7 +658,7 @@ fn response_framing(
             .rfind(|t| !t.is_empty());
         let chunked = last.is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
         // A length beside a transfer coding is ignored, and the connection not reused.
-        let reusable = chunked && !headers.contains_key(header::CONTENT_LENGTH);
+        let reusable = chunked && !seen.content_length;
         let framing = match chunked {
             true => Framing::Chunked(Chunk::Size),
             false => Framing::Close,
@@ -645,7 +666,10 @@ fn response_framing(
         return Ok((framing, reusable));
     }
     let mut length = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
+    let values = seen
+        .content_length
+        .then(|| headers.get_all(header::CONTENT_LENGTH));
+    for v in values.into_iter().flatten() {
         for t in v.as_bytes().split(|b| *b == b',') {
             let t = t.trim_ascii();
             let n = std::str::from_utf8(t)
@@ -919,5 +943,5 @@ fn trailers(buf: &mut BytesMut) -> Result<Option<HeaderMap>, String> {
         return Err(format!("response trailers over {MAX_HEAD_BYTES} bytes"));
     }
     let block = buf.split_to(len).freeze();
-    header_map(&block, &fields).map(Some)
+    header_map(&block, &fields).map(|(map, _)| Some(map))
 }
