@@ -21,7 +21,9 @@ use crate::{
 
 #[derive(Default)]
 pub struct RoutingTable {
-    endpoints: HashMap<String, Arc<EndpointRoute>>,
+    /// Keyed with a fast seeded hash: every request looks its endpoint up here, and only
+    /// the config sets the keys, so a client can name but never add one.
+    endpoints: HashMap<String, Arc<EndpointRoute>, foldhash::fast::RandomState>,
 }
 
 pub struct EndpointRoute {
