@@ -271,8 +271,9 @@ async fn forward(
     sent_at: Instant,
 ) -> Result<(Response<UpstreamBody>, Upstream), ProxyError> {
     let timeout = version.spec.scoring_timeout;
-    // Polled only when it fires, not on each of the exchange's wake-ups.
-    let mut deadline = Gated::new(Box::pin(tokio::time::sleep(timeout)));
+    // From when the slot was taken. Polled only when it fires, not on each of the
+    // exchange's wake-ups.
+    let mut deadline = Gated::new(Box::pin(tokio::time::sleep_until(sent_at + timeout)));
     let timed_out = || UpstreamError::Timeout {
         version: version.spec.name.clone(),
         timeout_ms: timeout.as_millis() as u64,
