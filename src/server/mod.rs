@@ -65,8 +65,13 @@ impl Builders {
     fn new(clients: &ClientsConfig) -> Self {
         let mut h1 = http1::Builder::new();
         // The header read timeout is kept by `drive`, with the idle timeout: hyper's own
-        // would arm and cancel a timer of its own for every request.
-        h1.header_read_timeout(None).max_buf_size(64 * 1024);
+        // would arm and cancel a timer of its own for every request. An answer's head and
+        // body are gathered in one buffer and written with one plain write, as over TLS
+        // (see `OneRecord`): for the small answers of scoring, cheaper than queueing the
+        // pieces for a vectored write.
+        h1.header_read_timeout(None)
+            .max_buf_size(64 * 1024)
+            .writev(false);
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30));
