@@ -16,8 +16,12 @@ use crate::{
 pub fn bearer(authorization: Option<&HeaderValue>) -> Option<&[u8]> {
     let value = authorization?.as_bytes();
     let (scheme, rest) = value.split_at_checked(7)?;
-    scheme
-        .eq_ignore_ascii_case(b"bearer ")
+    // The scheme compared in one word: setting bit 5 lowers the letters and keeps the
+    // space; the only other byte it maps onto any of these is NUL (onto the space), which
+    // a field value cannot hold.
+    let mut word = [b' '; 8];
+    word[..7].copy_from_slice(scheme);
+    (u64::from_le_bytes(word) | 0x2020_2020_2020_2020 == u64::from_le_bytes(*b"bearer  "))
         .then(|| rest.trim_ascii())
         .filter(|c| !c.is_empty())
 }
@@ -120,6 +124,23 @@ mod tests {
             })
         );
         assert!(check(&Auth::None, None).await.is_ok());
+    }
+
+    /// The scheme matches exactly when `eq_ignore_ascii_case` says so, for every byte a
+    /// field value may hold at every place of it.
+    #[test]
+    fn the_scheme_is_bearer_in_any_case_and_nothing_else() {
+        for at in 0..7 {
+            for b in 0..=255u8 {
+                let mut value = b"Bearer key".to_vec();
+                value[at] = b;
+                let Ok(value) = HeaderValue::from_bytes(&value) else {
+                    continue;
+                };
+                let expected = value.as_bytes()[..7].eq_ignore_ascii_case(b"bearer ");
+                assert_eq!(bearer(Some(&value)).is_some(), expected, "{value:?}");
+            }
+        }
     }
 
     #[test]

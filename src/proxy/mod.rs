@@ -341,7 +341,7 @@ pub fn split_path(uri: &Uri) -> Result<(&str, usize), ClientError> {
         .find(|p| path.starts_with(p))
         .ok_or(ClientError::BadPath)?;
     let tail = &path[prefix.len()..];
-    let name = tail.split('/').next().unwrap_or_default();
+    let name = tail.find('/').map_or(tail, |end| &tail[..end]);
     if name.is_empty() {
         return Err(ClientError::BadPath);
     }
