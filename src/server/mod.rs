@@ -4,8 +4,9 @@
 //! `clients.maxConnections` open connections: at the limit it stops accepting, so new
 //! connections wait in the kernel's backlog until one closes. Every accepted connection is
 //! served in its own task by [`drive`], which closes it gracefully (h2: with a GOAWAY)
-//! when the router drains or when it has carried no request for `clients.idleTimeoutMs`;
-//! a client that stops reading is cut by [`ClientIo`] after `clients.sendTimeoutMs`.
+//! when the router drains or when it has carried no request for `clients.idleTimeoutMs`
+//! (HTTP/1.1: or for `clients.headerReadTimeoutMs`, the time a request head may take); a
+//! client that stops reading is cut by [`ClientIo`] after `clients.sendTimeoutMs`.
 //! Shutdown stops accepting, lets in-flight requests finish within the grace period, and
 //! closes idle keep-alive connections.
 
