@@ -204,25 +204,11 @@ async fn an_http1_request_split_across_writes_is_served() {
     assert_eq!(model_of(body.as_bytes()), "m");
 }
 
+/// A client that stalls partway through the h2c preface or a request head is cut at the
+/// header read timeout, on a fresh connection and on a keep-alive connection between
+/// requests alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_partial_preface_is_closed_at_the_header_read_timeout() {
-    let model = Model::start("m").await;
-    let router = router("headerReadTimeoutMs: 300", &[model.addr], "").await;
-    let mut stream = TcpStream::connect(router.http).await.unwrap();
-    stream.write_all(b"PRI").await.unwrap();
-    let started = Instant::now();
-    assert!(
-        closed_within(&mut stream, Duration::from_secs(10)).await,
-        "a stalled preface is cut"
-    );
-    assert!(started.elapsed() >= Duration::from_millis(250));
-    metric_eventually(&router, Patience::SHORT, CONNECTIONS, &[], 0.0).await;
-}
-
-/// A request head that stalls halfway is cut at the header read timeout, on a fresh
-/// connection and on a keep-alive connection between requests alike.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_http1_head_is_closed_at_the_header_read_timeout() {
+async fn a_stalled_preface_or_head_is_closed_at_the_header_read_timeout() {
     let model = Model::start("m").await;
     let router = router(
         "headerReadTimeoutMs: 300, idleTimeoutMs: 60000",
@@ -231,20 +217,25 @@ async fn a_stalled_http1_head_is_closed_at_the_header_read_timeout() {
     )
     .await;
     let request = raw_request("conn", "", "{}");
-    let half = &request.as_bytes()[..request.find("\r\n").unwrap() + 2];
-    for served_first in [false, true] {
+    let half_head = &request.as_bytes()[..request.find("\r\n").unwrap() + 2];
+    let cases: [(&str, &[u8], bool); 3] = [
+        ("part of the h2c preface", b"PRI", false),
+        ("half a head", half_head, false),
+        ("half a head after a request", half_head, true),
+    ];
+    for (case, stalled, served_first) in cases {
         let mut stream = TcpStream::connect(router.http).await.unwrap();
         if served_first {
             stream.write_all(request.as_bytes()).await.unwrap();
-            assert_eq!(read_response(&mut stream).await.0, 200);
+            assert_eq!(read_response(&mut stream).await.0, 200, "{case}");
         }
-        stream.write_all(half).await.unwrap();
+        stream.write_all(stalled).await.unwrap();
         let started = Instant::now();
         assert!(
             closed_within(&mut stream, Duration::from_secs(10)).await,
-            "served first: {served_first}: a stalled head is cut"
+            "{case}: the connection is cut"
         );
-        assert!(started.elapsed() >= Duration::from_millis(200));
+        assert!(started.elapsed() >= Duration::from_millis(200), "{case}");
     }
     metric_eventually(&router, Patience::SHORT, CONNECTIONS, &[], 0.0).await;
 }
