@@ -204,11 +204,9 @@ async fn an_http1_request_split_across_writes_is_served() {
     assert_eq!(model_of(body.as_bytes()), "m");
 }
 
-/// A client that stalls partway through the h2c preface or a request head is cut at the
-/// header read timeout, on a fresh connection and on a keep-alive connection between
-/// requests alike.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_preface_or_head_is_closed_at_the_header_read_timeout() {
+/// A router whose header read timeout (300 ms) is far shorter than its idle timeout, and
+/// its model.
+async fn with_header_read_timeout_300ms() -> (Model, Router) {
     let model = Model::start("m").await;
     let router = router(
         "headerReadTimeoutMs: 300, idleTimeoutMs: 60000",
@@ -216,6 +214,15 @@ async fn a_stalled_preface_or_head_is_closed_at_the_header_read_timeout() {
         "",
     )
     .await;
+    (model, router)
+}
+
+/// A client that stalls partway through the h2c preface or a request head is cut at the
+/// header read timeout, on a fresh connection and on a keep-alive connection between
+/// requests alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_preface_or_head_is_closed_at_the_header_read_timeout() {
+    let (_model, router) = with_header_read_timeout_300ms().await;
     let request = raw_request("conn", "", "{}");
     let half_head = &request.as_bytes()[..request.find("\r\n").unwrap() + 2];
     let cases: [(&str, &[u8], bool); 3] = [
@@ -244,13 +251,7 @@ async fn a_stalled_preface_or_head_is_closed_at_the_header_read_timeout() {
 /// read timeout has run out, long before its last byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trickled_http1_head_is_closed_at_the_header_read_timeout() {
-    let model = Model::start("m").await;
-    let router = router(
-        "headerReadTimeoutMs: 300, idleTimeoutMs: 60000",
-        &[model.addr],
-        "",
-    )
-    .await;
+    let (_model, router) = with_header_read_timeout_300ms().await;
     let stream = TcpStream::connect(router.http).await.unwrap();
     stream.set_nodelay(true).unwrap();
     let (mut read, mut write) = stream.into_split();
