@@ -476,6 +476,34 @@ async fn a_replica_streaming_while_it_reads_gets_the_rest_of_the_body() {
     router.shutdown().await;
 }
 
+/// A client's `Connection` field may name `content-length`; that field then stays at the
+/// router, and the request still goes to the replica framed, so the next request on the
+/// same replica connection is read as its own.
+#[tokio::test]
+async fn a_length_the_connection_field_names_is_still_framed() {
+    let replica =
+        Raw::start(|_| Reply::new(&[b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"])).await;
+    let router = router_for(&replica).await;
+    for _ in 0..2 {
+        let req = scoring_post(
+            &url(&router),
+            KEY,
+            &[("connection", "content-length")],
+            "{}",
+        );
+        let (_, body) = send_ok(req).await;
+        assert_eq!(&body[..], b"ok");
+    }
+    let seen = replica.seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    for s in &seen {
+        assert!(s.head.starts_with("POST /score "), "{s:?}");
+        assert_eq!(s.body, b"{}", "{s:?}");
+        assert_eq!(s.conn, seen[0].conn, "{seen:?}");
+    }
+    router.shutdown().await;
+}
+
 #[tokio::test]
 async fn heads_over_the_limits_and_invalid_framing_are_502() {
     let replica = Raw::start(|head| {

@@ -222,7 +222,8 @@ pub fn to_replica(name: &HeaderName) -> bool {
 /// The fields the router sets on a request to a replica, written after the client's own.
 #[derive(Debug)]
 pub struct ReplicaFields {
-    /// The client sent a `content-length`, which goes on with its body.
+    /// The client's `content-length` goes on with its body (it sent one, and `Connection`
+    /// did not name it).
     pub client_length: bool,
     /// Where the request target the replica gets continues in the client's (see
     /// [`super::replica_target`]).
@@ -263,9 +264,16 @@ pub fn for_replica(
     ids: &RequestIds,
     target_at: usize,
 ) -> ReplicaFields {
-    if fields.connection {
+    // The fields `Connection` names are gone from here on (it may name `content-length`
+    // or `host`), so what the head says is read again after them.
+    let stripped;
+    let fields = if fields.connection {
         strip_connection_named(headers);
-    }
+        stripped = RequestFields::read(headers);
+        &stripped
+    } else {
+        fields
+    };
     let host = match fields.host {
         true => None,
         false => authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
