@@ -35,16 +35,16 @@ fn tls_config(tls_extra: &str) -> String {
 
 /// A router with an https listener serving `leaf`, and endpoint `e` on `model`.
 async fn start_tls(leaf: &Leaf, model: &Model, tls_extra: &str) -> Router {
+    start_tls_with(leaf, model, &tls_config(tls_extra)).await
+}
+
+/// [`start_tls`] with the whole router config given.
+async fn start_tls_with(leaf: &Leaf, model: &Model, config: &str) -> Router {
     let files = leaf.files("server");
     let files: Vec<(&str, &[u8])> = files.iter().map(|(p, c)| (p.as_str(), *c)).collect();
-    Router::try_start(
-        &tls_config(tls_extra),
-        &one_version("e", &[model.addr], ""),
-        &files,
-        true,
-    )
-    .await
-    .expect("router starts")
+    Router::try_start(config, &one_version("e", &[model.addr], ""), &files, true)
+        .await
+        .expect("router starts")
 }
 
 fn https(router: &Router) -> SocketAddr {
@@ -992,6 +992,31 @@ impl tokio::io::AsyncWrite for Recording {
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.tcp).poll_shutdown(cx)
     }
+}
+
+/// Over TLS too, a request head that stalls halfway is cut at the header read timeout,
+/// counted from the end of the handshake.
+#[tokio::test]
+async fn a_stalled_head_over_tls_is_cut_at_the_header_read_timeout() {
+    let ca = TestCa::new("test root");
+    let leaf = ca.leaf();
+    let model = Model::start("m").await;
+    let config = format!(
+        "{}clients: {{headerReadTimeoutMs: 300, idleTimeoutMs: 60000}}\n",
+        tls_config("")
+    );
+    let router = start_tls_with(&leaf, &model, &config).await;
+    let (mut tls, _) = ca.client().h1().handshake(https(&router)).await.unwrap();
+    let started = Instant::now();
+    let request = raw_request("e", "", "{}");
+    let half_head = &request.as_bytes()[..request.find("\r\n").unwrap() + 2];
+    tls.write_all(half_head).await.unwrap();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut byte)).await;
+    assert!(matches!(read, Ok(Ok(0) | Err(_))), "{read:?}");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(250), "cut after {took:?}");
+    router.shutdown().await;
 }
 
 #[tokio::test]

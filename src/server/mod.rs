@@ -117,7 +117,8 @@ impl Builders {
 /// request for `idle`, it is shut down gracefully: requests in flight finish, h2 clients
 /// get a GOAWAY, and an idle HTTP/1.1 connection closes at once, as does one that has
 /// read part of its next request head. An HTTP/1.1 connection (`h1`) that has not yet
-/// carried a request is dropped instead: hyper would go on waiting for its first head.
+/// carried a request is dropped instead, on a drain as when idle: hyper would go on
+/// waiting for its first head.
 async fn drive<C>(
     conn: C,
     activity: &Activity,
@@ -143,7 +144,7 @@ where
         why = &mut closing => why,
     };
     tracing::trace!("closing a client connection: {why}");
-    if h1 && why == "idle" && !activity.carried_any() {
+    if h1 && !activity.carried_any() {
         return Ok(());
     }
     conn.as_mut().graceful_shutdown();
@@ -151,8 +152,9 @@ where
 }
 
 /// The requests a connection has in flight (from the request head until the response
-/// body ends) and when the last one ended. Requests only touch two atomics; the idle
-/// timer looks at them when it fires, so a busy connection is not woken per request.
+/// body ends), whether it has carried any, and when the last one ended. Requests only
+/// touch these atomics; the idle timer looks at them when it fires, so a busy connection
+/// is not woken per request.
 #[derive(Clone)]
 struct Activity(Arc<ActivityState>);
 
@@ -563,14 +565,7 @@ pub async fn serve_data(
             addr,
             scheme: if tls.is_some() { "https" } else { "http" },
         };
-        let activity = Activity::new();
-        let service = {
-            let (proxy, activity) = (proxy.clone(), activity.clone());
-            service_fn(move |req: Request<Incoming>| Serving {
-                response: Box::pin(proxy.clone().handle(req, client)),
-                active: Some(activity.start()),
-            })
-        };
+        let proxy = proxy.clone();
         // The connection's protocol is settled in its own task (the TLS handshake, or a
         // look at its first bytes), bounded in time; a failed one costs its task and
         // socket, nothing else. A drain does not wait for this: it is cut.
@@ -611,6 +606,17 @@ pub async fn serve_data(
             let prepared: Result<Prepared, String> = tokio::select! {
                 p = prepared => p,
                 () = crate::until_true(&mut draining) => return,
+            };
+            // The connection's clock starts once it is ready for HTTP: its first request
+            // head is due within the header read timeout from here, after a TLS handshake
+            // that has its own bound.
+            let activity = Activity::new();
+            let service = {
+                let activity = activity.clone();
+                service_fn(move |req: Request<Incoming>| Serving {
+                    response: Box::pin(proxy.clone().handle(req, client)),
+                    active: Some(activity.start()),
+                })
             };
             let ended = match prepared {
                 Ok(Prepared::Plain(s, h2)) => {
