@@ -332,8 +332,9 @@ async fn forward(
     }
 }
 
-/// Splits `/api/v1/{service|endpoint}/{name}/{rest}` into the name and the origin-form URI
-/// the replica gets (`/{rest}` with the original query).
+/// Splits `/api/v1/{service|endpoint}/{name}/{rest}` into the name and where `{rest}` (or,
+/// with no `/` after the name, the query) begins in the URI's path and query: the replica
+/// gets `/` and what follows from there (see [`replica_target`]).
 pub fn split_path(uri: &Uri) -> Result<(&str, usize), ClientError> {
     let path = uri.path();
     let prefix = ["/api/v1/service/", "/api/v1/endpoint/"]
