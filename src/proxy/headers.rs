@@ -179,13 +179,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Removes the fields that `Connection` names, other than the hop-by-hop ones (which go
-/// anyway) and `close`.
-fn strip_connection_named(headers: &mut HeaderMap) {
+/// anyway) and `close`; whether it removed any.
+fn strip_connection_named(headers: &mut HeaderMap) -> bool {
     // The values share the message's buffer, so holding them while removing costs no
     // copy; a second value is rare.
     let mut values = headers.get_all(CONNECTION).iter();
     let first = values.next().cloned();
     let more: Vec<HeaderValue> = values.cloned().collect();
+    let mut removed = false;
     for v in first.iter().chain(&more) {
         let Ok(v) = v.to_str() else { continue };
         for name in v.split(',').map(str::trim) {
@@ -195,9 +196,10 @@ fn strip_connection_named(headers: &mut HeaderMap) {
                 continue;
             }
             // Parsed on the stack; a token that is no valid name removes nothing.
-            headers.remove(name);
+            removed |= headers.remove(name).is_some();
         }
     }
+    removed
 }
 
 /// Whether a response says its connection must close after it.
@@ -265,10 +267,9 @@ pub fn for_replica(
     target_at: usize,
 ) -> ReplicaFields {
     // The fields `Connection` names are gone from here on (it may name `content-length`
-    // or `host`), so what the head says is read again after them.
+    // or `host`), so what the head says is read again if it named any present.
     let stripped;
-    let fields = if fields.connection {
-        strip_connection_named(headers);
+    let fields = if fields.connection && strip_connection_named(headers) {
         stripped = RequestFields::read(headers);
         &stripped
     } else {

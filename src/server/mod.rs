@@ -184,6 +184,11 @@ impl Activity {
         Active(self.0.clone())
     }
 
+    /// Counts the connection as idle from now, as if a request had just ended.
+    fn restart(&self) {
+        self.0.idle_from_now();
+    }
+
     fn carried_any(&self) -> bool {
         self.0.carried.load(SeqCst)
     }
@@ -205,13 +210,19 @@ impl Activity {
     }
 }
 
+impl ActivityState {
+    fn idle_from_now(&self) {
+        let now = self.since.elapsed().as_millis() as u64;
+        self.last_end_ms.fetch_max(now, SeqCst);
+    }
+}
+
 /// One request in flight on a connection.
 struct Active(Arc<ActivityState>);
 
 impl Drop for Active {
     fn drop(&mut self) {
-        let ended = self.0.since.elapsed().as_millis() as u64;
-        self.0.last_end_ms.fetch_max(ended, SeqCst);
+        self.0.idle_from_now();
         self.0.in_flight.fetch_sub(1, SeqCst);
     }
 }
@@ -565,7 +576,14 @@ pub async fn serve_data(
             addr,
             scheme: if tls.is_some() { "https" } else { "http" },
         };
-        let proxy = proxy.clone();
+        let activity = Activity::new();
+        let service = {
+            let (proxy, activity) = (proxy.clone(), activity.clone());
+            service_fn(move |req: Request<Incoming>| Serving {
+                response: Box::pin(proxy.clone().handle(req, client)),
+                active: Some(activity.start()),
+            })
+        };
         // The connection's protocol is settled in its own task (the TLS handshake, or a
         // look at its first bytes), bounded in time; a failed one costs its task and
         // socket, nothing else. A drain does not wait for this: it is cut.
@@ -610,14 +628,7 @@ pub async fn serve_data(
             // The connection's clock starts once it is ready for HTTP: its first request
             // head is due within the header read timeout from here, after a TLS handshake
             // that has its own bound.
-            let activity = Activity::new();
-            let service = {
-                let activity = activity.clone();
-                service_fn(move |req: Request<Incoming>| Serving {
-                    response: Box::pin(proxy.clone().handle(req, client)),
-                    active: Some(activity.start()),
-                })
-            };
+            activity.restart();
             let ended = match prepared {
                 Ok(Prepared::Plain(s, h2)) => {
                     (builders.serve(TokioIo::new(s), h2, service, &activity, &mut draining)).await
