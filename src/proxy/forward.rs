@@ -700,6 +700,24 @@ enum Framing {
     Done,
 }
 
+impl Framing {
+    /// What a body read in this state lacks when its connection ends: built only then.
+    fn cut_short(self) -> String {
+        match self {
+            Framing::Length(left) => {
+                format!("connection closed {left} bytes before the end of the response body")
+            }
+            Framing::Chunked(Chunk::Data(_) | Chunk::DataEnd) => {
+                "connection closed within a chunk".into()
+            }
+            Framing::Chunked(Chunk::Size) => "connection closed within a chunk size".into(),
+            Framing::Chunked(Chunk::Trailers) => "connection closed within the trailers".into(),
+            // A close-delimited body ends with its connection.
+            Framing::Close | Framing::Done => String::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Chunk {
     /// A chunk-size line is next.
@@ -785,10 +803,12 @@ impl Body for UpstreamBody {
             }
         }
         loop {
-            let need_more = match this.state {
+            // Each arm returns, goes on with what it consumed, or falls through to read
+            // more from the connection.
+            match this.state {
                 Framing::Done => return Poll::Ready(None),
-                Framing::Length(left) => match Self::take_data(conn, left) {
-                    Some(data) => {
+                Framing::Length(left) => {
+                    if let Some(data) = Self::take_data(conn, left) {
                         let left = left - data.len() as u64;
                         this.state = if left == 0 {
                             Framing::Done
@@ -797,16 +817,14 @@ impl Body for UpstreamBody {
                         };
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
-                    None => format!(
-                        "connection closed {left} bytes before the end of the response body"
-                    ),
-                },
-                Framing::Close => match Self::take_data(conn, u64::MAX) {
-                    Some(data) => return Poll::Ready(Some(Ok(Frame::data(data)))),
-                    None => String::new(),
-                },
-                Framing::Chunked(Chunk::Data(left)) => match Self::take_data(conn, left) {
-                    Some(data) => {
+                }
+                Framing::Close => {
+                    if let Some(data) = Self::take_data(conn, u64::MAX) {
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                Framing::Chunked(Chunk::Data(left)) => {
+                    if let Some(data) = Self::take_data(conn, left) {
                         let left = left - data.len() as u64;
                         this.state = Framing::Chunked(if left == 0 {
                             Chunk::DataEnd
@@ -815,8 +833,7 @@ impl Body for UpstreamBody {
                         });
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
-                    None => "connection closed within a chunk".into(),
-                },
+                }
                 Framing::Chunked(Chunk::DataEnd) => {
                     if conn.rbuf.len() >= 2 {
                         if &conn.rbuf[..2] != b"\r\n" {
@@ -826,7 +843,6 @@ impl Body for UpstreamBody {
                         this.state = Framing::Chunked(Chunk::Size);
                         continue;
                     }
-                    "connection closed within a chunk".into()
                 }
                 Framing::Chunked(Chunk::Size) => match chunk_size(&conn.rbuf) {
                     Err(e) => return this.fail(e),
@@ -840,7 +856,7 @@ impl Body for UpstreamBody {
                         this.state = Framing::Chunked(Chunk::Data(size));
                         continue;
                     }
-                    Ok(None) => "connection closed within a chunk size".into(),
+                    Ok(None) => {}
                 },
                 Framing::Chunked(Chunk::Trailers) => {
                     if conn.rbuf.starts_with(b"\r\n") {
@@ -854,10 +870,10 @@ impl Body for UpstreamBody {
                             this.state = Framing::Done;
                             return Poll::Ready(Some(Ok(Frame::trailers(map))));
                         }
-                        Ok(None) => "connection closed within the trailers".into(),
+                        Ok(None) => {}
                     }
                 }
-            };
+            }
             match conn.poll_fill(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return this.fail(e),
@@ -866,7 +882,7 @@ impl Body for UpstreamBody {
                     this.keep_alive = false;
                     return Poll::Ready(None);
                 }
-                Poll::Ready(Ok(0)) => return this.fail(need_more),
+                Poll::Ready(Ok(0)) => return this.fail(this.state.cut_short()),
                 Poll::Ready(Ok(_)) => {}
             }
         }
