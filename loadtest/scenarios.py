@@ -210,6 +210,18 @@ def endpoint_doc(name, versions):
     return "\n".join(lines) + "\n"
 
 
+SCORE_PATH = "/api/v1/endpoint/bench/score"
+
+
+def ready(proxy, name, tls, wrap):
+    """Waits for a proxy under test (its `port`, `proc`, and `tls_port` with `tls`) to
+    listen, and names its scoring URLs. Under `wrap` starting takes longer."""
+    wait_port(proxy.port, name, proxy.proc, timeout=60 if wrap else 20)
+    proxy.url = f"http://127.0.0.1:{proxy.port}{SCORE_PATH}"
+    if tls:
+        proxy.tls_url = f"https://localhost:{proxy.tls_port}{SCORE_PATH}"
+
+
 class Scorefront:
     """scorefront with key auth, the given versions, metrics and the access log at its
     default level (written to a file), one worker thread."""
@@ -228,10 +240,7 @@ class Scorefront:
         )
         (run / "endpoints.yaml").write_text(endpoint_doc("bench", versions))
         self.proc = start_scorefront(run, core, wrap)
-        wait_port(self.port, "scorefront", self.proc, timeout=60 if wrap else 20)
-        self.url = f"http://127.0.0.1:{self.port}/api/v1/endpoint/bench/score"
-        if tls:
-            self.tls_url = f"https://localhost:{self.tls_port}/api/v1/endpoint/bench/score"
+        ready(self, "scorefront", tls, wrap)
 
 
 class Nginx:
@@ -286,10 +295,7 @@ http {{
              "-c", str(nginx / "nginx.conf")],
             run / "nginx.log", core=core,
         )
-        wait_port(self.port, "nginx", self.proc, timeout=60 if wrap else 20)
-        self.url = f"http://127.0.0.1:{self.port}/api/v1/endpoint/bench/score"
-        if tls:
-            self.tls_url = f"https://localhost:{self.tls_port}/api/v1/endpoint/bench/score"
+        ready(self, "nginx", tls, wrap)
 
 
 class Haproxy:
@@ -344,10 +350,7 @@ backend model
             [*wrap, peer_binary("haproxy"), "-db", "-f", str(home / "haproxy.cfg")],
             run / "haproxy.log", core=core,
         )
-        wait_port(self.port, "haproxy", self.proc, timeout=60 if wrap else 20)
-        self.url = f"http://127.0.0.1:{self.port}/api/v1/endpoint/bench/score"
-        if tls:
-            self.tls_url = f"https://localhost:{self.tls_port}/api/v1/endpoint/bench/score"
+        ready(self, "haproxy", tls, wrap)
 
 
 PEERS = {"nginx": Nginx, "haproxy": Haproxy}
@@ -643,7 +646,7 @@ def memory(args, run):
     warm = {}
     for name, proxy in proxies.items():
         proc, port = proxy.proc, proxy.port
-        load(run, f"{name}-warm", f"http://127.0.0.1:{port}/api/v1/endpoint/bench/score",
+        load(run, f"{name}-warm", f"http://127.0.0.1:{port}{SCORE_PATH}",
              ["-c", "16", "-n", "20000"], gen)
         time.sleep(1)
         warm[name] = rss_kib(proc.pid)
@@ -664,7 +667,7 @@ def memory(args, run):
     for name, proxy in proxies.items():
         proc, port = proxy.proc, proxy.port
         before = rss_kib(proc.pid)
-        socks = hold_idle_connections(port, idle, "/api/v1/endpoint/bench/score")
+        socks = hold_idle_connections(port, idle, SCORE_PATH)
         time.sleep(1)
         held = rss_kib(proc.pid)
         for s in socks:
