@@ -363,16 +363,15 @@ impl Sender {
         w.push(b'/');
         w.extend_from_slice(super::replica_target(&parts.uri, added.target_at).as_bytes());
         w.extend_from_slice(b" HTTP/1.1\r\n");
-        for (name, value) in &parts.headers {
-            if !headers::to_replica(name) {
-                continue;
-            }
-            w.extend_from_slice(name.as_str().as_bytes());
+        let kept = (parts.headers.iter())
+            .filter(|(name, _)| headers::to_replica(name))
+            .map(|(name, value)| (name.as_str(), value.as_bytes()));
+        for (name, value) in kept.chain(added.iter()) {
+            w.extend_from_slice(name.as_bytes());
             w.extend_from_slice(b": ");
-            w.extend_from_slice(value.as_bytes());
+            w.extend_from_slice(value);
             w.extend_from_slice(b"\r\n");
         }
-        added.encode(w);
         // The client's framing is kept: its `content-length` if it sent one; otherwise the
         // body's exact length if known (h2 may leave it out), except for an empty body
         // where the method has no use for one; otherwise chunked.

@@ -238,19 +238,14 @@ pub struct ReplicaFields {
 }
 
 impl ReplicaFields {
-    /// Appends the fields to a request head being encoded.
-    pub fn encode(&self, w: &mut Vec<u8>) {
-        let mut field = |name: &[u8], value: &[u8]| {
-            w.extend_from_slice(name);
-            w.extend_from_slice(value);
-            w.extend_from_slice(b"\r\n");
-        };
-        if let Some(host) = &self.host {
-            field(b"host: ", host.as_bytes());
-        }
-        field(b"x-forwarded-for: ", self.forwarded_for.as_bytes());
-        field(b"x-forwarded-proto: ", self.proto.as_bytes());
-        field(b"x-request-id: ", self.request_id.as_bytes());
+    /// The fields, as names and values.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        let host = self.host.as_ref().map(|h| ("host", h.as_bytes()));
+        host.into_iter().chain([
+            ("x-forwarded-for", self.forwarded_for.as_bytes()),
+            ("x-forwarded-proto", self.proto.as_bytes()),
+            ("x-request-id", self.request_id.as_bytes()),
+        ])
     }
 }
 
