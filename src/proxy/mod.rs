@@ -217,7 +217,6 @@ impl Proxy {
             ids,
             target_at,
         );
-        parts.version = http::Version::HTTP_11;
         let upstream_req = Request::from_parts(parts, body);
         forward(
             &version,
