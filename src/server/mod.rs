@@ -184,11 +184,6 @@ impl Activity {
         Active(self.0.clone())
     }
 
-    /// Counts the connection as idle from now, as if a request had just ended.
-    fn restart(&self) {
-        self.0.idle_from_now();
-    }
-
     fn carried_any(&self) -> bool {
         self.0.carried.load(SeqCst)
     }
@@ -211,6 +206,7 @@ impl Activity {
 }
 
 impl ActivityState {
+    /// Counts the connection as idle from now, as when a request has just ended.
     fn idle_from_now(&self) {
         let now = self.since.elapsed().as_millis() as u64;
         self.last_end_ms.fetch_max(now, SeqCst);
@@ -628,7 +624,7 @@ pub async fn serve_data(
             // The connection's clock starts once it is ready for HTTP: its first request
             // head is due within the header read timeout from here, after a TLS handshake
             // that has its own bound.
-            activity.restart();
+            activity.0.idle_from_now();
             let ended = match prepared {
                 Ok(Prepared::Plain(s, h2)) => {
                     (builders.serve(TokioIo::new(s), h2, service, &activity, &mut draining)).await
