@@ -165,6 +165,20 @@ async fn read_until(s: &mut TcpStream, buf: &mut Vec<u8>, pat: &[u8]) -> Option<
     }
 }
 
+/// A replica's first connection once it has read a request head and answered with a
+/// chunked 200 head of its own, before any of the request body; with what it read after
+/// the request head.
+async fn answer_head_at_once(listener: TcpListener) -> (TcpStream, Vec<u8>) {
+    let (mut s, _) = listener.accept().await.unwrap();
+    let mut buf = Vec::new();
+    let end = read_until(&mut s, &mut buf, b"\r\n\r\n").await.unwrap();
+    buf.drain(..end);
+    s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        .await
+        .unwrap();
+    (s, buf)
+}
+
 async fn router_for(replica: &Raw) -> Router {
     Router::start(&one_version("up", &[replica.addr], "")).await
 }
@@ -412,13 +426,7 @@ async fn a_replica_streaming_while_it_reads_gets_the_rest_of_the_body() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let echo = tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
-        let mut buf = Vec::new();
-        let end = read_until(&mut s, &mut buf, b"\r\n\r\n").await.unwrap();
-        buf.drain(..end);
-        s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-            .await
-            .unwrap();
+        let (mut s, mut buf) = answer_head_at_once(listener).await;
         // Echo the chunked request body's bytes until its last chunk, which may come
         // split over reads.
         let mut echoed = Vec::new();
@@ -650,12 +658,7 @@ async fn a_request_body_cut_after_an_early_answer_ends_the_answer_at_once() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let replica = tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
-        let mut buf = Vec::new();
-        read_until(&mut s, &mut buf, b"\r\n\r\n").await.unwrap();
-        s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-            .await
-            .unwrap();
+        let (mut s, mut buf) = answer_head_at_once(listener).await;
         while read_more(&mut s, &mut buf).await > 0 {}
     });
     let router = Router::start_with(
