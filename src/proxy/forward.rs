@@ -363,14 +363,13 @@ impl Sender {
         w.push(b'/');
         w.extend_from_slice(super::replica_target(&parts.uri, added.target_at).as_bytes());
         w.extend_from_slice(b" HTTP/1.1\r\n");
-        let kept = (parts.headers.iter())
-            .filter(|(name, _)| headers::to_replica(name))
-            .map(|(name, value)| (name.as_str(), value.as_bytes()));
-        for (name, value) in kept.chain(added.iter()) {
-            w.extend_from_slice(name.as_bytes());
-            w.extend_from_slice(b": ");
-            w.extend_from_slice(value);
-            w.extend_from_slice(b"\r\n");
+        for (name, value) in &parts.headers {
+            if headers::to_replica(name) {
+                encode_field(w, name.as_str(), value.as_bytes());
+            }
+        }
+        for (name, value) in added.iter() {
+            encode_field(w, name, value);
         }
         // The client's framing is kept: its `content-length` if it sent one; otherwise the
         // body's exact length if known (h2 may leave it out), except for an empty body
@@ -478,6 +477,13 @@ fn bodyless(method: &Method) -> bool {
         *method,
         Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
     )
+}
+
+fn encode_field(w: &mut Vec<u8>, name: &str, value: &[u8]) {
+    w.extend_from_slice(name.as_bytes());
+    w.extend_from_slice(b": ");
+    w.extend_from_slice(value);
+    w.extend_from_slice(b"\r\n");
 }
 
 fn encode_data(w: &mut Vec<u8>, chunked: bool, data: &[u8]) {
